@@ -1,0 +1,1 @@
+"""portal-gateway: opens Stripe customer-portal sessions for our users."""

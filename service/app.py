@@ -1,0 +1,146 @@
+"""The application factory: middlewares, resources, routes and the OpenAPI document."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp_apigami
+from aiohttp import web
+from aiohttp_apigami.constants import APISPEC_PARSER
+
+from service import keys
+from service.auth import Authenticator, JwtKeys
+from service.config import Settings
+from service.db import queries
+from service.db.pool import Database
+from service.handlers import health, portal_sessions
+from service.lifecycle import Lifecycle
+from service.metrics import Metrics
+from service.middlewares import (
+    access_middleware,
+    audit_middleware,
+    auth_middleware,
+    error_middleware,
+    json_body_middleware,
+    limits_middleware,
+    request_id_middleware,
+    shed_middleware,
+)
+from service.migrations import head_revision
+from service.portal import PortalDeps
+from service.ratelimit import RateLimiter
+from service.stripe import StripeClient
+from service.validation import BodyParser
+from service.version import VERSION
+
+# Webhook payloads can be larger than API bodies; API routes enforce 16 KiB themselves.
+CLIENT_MAX_SIZE = 1024 * 1024
+
+
+class StartupError(Exception):
+    """The service cannot start with this configuration and database."""
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    """Build the application. No I/O here: resources open in cleanup contexts."""
+    app = web.Application(
+        client_max_size=CLIENT_MAX_SIZE,
+        middlewares=[
+            request_id_middleware,
+            access_middleware,
+            error_middleware,
+            shed_middleware,
+            auth_middleware,
+            audit_middleware,
+            limits_middleware,
+            json_body_middleware,
+            aiohttp_apigami.validation_middleware,
+        ],
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics or Metrics()
+    app[keys.LIFECYCLE] = Lifecycle()
+    app[keys.RATE_LIMITER] = RateLimiter()
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_upstream)
+    app.on_shutdown.append(_start_draining)
+
+    app.router.add_get("/healthz", health.healthz, allow_head=False)
+    app.router.add_get("/readyz", health.readyz, allow_head=False)
+    app.router.add_get("/metrics", health.metrics, allow_head=False)
+    app.router.add_post("/v1/portal-sessions", portal_sessions.create_portal_session)
+    _setup_openapi(app)
+    return app
+
+
+def _setup_openapi(app: web.Application) -> None:
+    apispec = aiohttp_apigami.setup_aiohttp_apispec(
+        app,
+        title="portal-gateway",
+        version=VERSION,
+        url="/api/docs/swagger.json",
+        swagger_path="/api/docs",
+        openapi_version="3.0.3",
+        info={"description": "Opens Stripe customer-portal sessions for our users."},
+    )
+    apispec.spec.components.security_scheme(
+        "bearerAuth",
+        {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A service-client token (pgw_…) or an end user's JWT.",
+        },
+    )
+    # Our parser validates the body the JSON guard already read and limited.
+    app[APISPEC_PARSER] = BodyParser()
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    db = await Database.connect(
+        settings.database_url.reveal(),
+        metrics=app[keys.METRICS],
+        query_timeout=settings.db_timeout_seconds,
+        min_size=settings.db_pool_min_size,
+        max_size=settings.db_pool_max_size,
+    )
+    try:
+        app[keys.LIFECYCLE].migrations_head = head_revision()
+        revision = await queries.current_revision(db)
+        if revision is None:
+            raise StartupError("the database is not migrated: run `portal-gateway migrate`")
+        db_livemode = await queries.record_mode(db, settings.livemode)
+        if db_livemode != settings.livemode:
+            mode = "live" if db_livemode else "test"
+            raise StartupError(
+                f"STRIPE_API_KEY: the database maps {mode}-mode Stripe ids; "
+                f"refusing to start with a {'live' if settings.livemode else 'test'}-mode key"
+            )
+        app[keys.DB] = db
+        yield
+    finally:
+        await db.close()
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    try:
+        jwt_keys = JwtKeys(settings) if settings.jwt_enabled else None
+    except ValueError as exc:
+        raise StartupError(f"JWT_PUBLIC_KEY_FILE: {exc}") from None
+    session = StripeClient.new_session(settings)
+    try:
+        app[keys.HTTP_SESSION] = session
+        stripe = StripeClient(session, settings, app[keys.METRICS])
+        app[keys.STRIPE] = stripe
+        app[keys.AUTHENTICATOR] = Authenticator(settings, app[keys.DB], jwt_keys)
+        app[keys.PORTAL] = PortalDeps(settings, app[keys.DB], stripe, app[keys.METRICS])
+        yield
+    finally:
+        await session.close()
+
+
+async def _start_draining(app: web.Application) -> None:
+    # Readiness turns 503 at once so the load balancer stops sending; requests
+    # in flight get SHUTDOWN_TIMEOUT to finish before cleanup closes the pool.
+    app[keys.LIFECYCLE].draining = True

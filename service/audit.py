@@ -1,0 +1,81 @@
+"""The audit trail: one row and one ``audit`` log line per decided request.
+
+The row is written before the response leaves (SPEC §6); if it can't be
+written, a successful request is turned into 503 so no portal URL is handed
+out unaudited. Rows never hold the portal URL or any token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from service.db import queries
+from service.db.pool import Database
+from service.errors import DatabaseUnavailable
+from service.metrics import Metrics
+
+logger = structlog.get_logger("audit")
+
+ACTION_CREATE_SESSION = "portal_session.create"
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    """Filled in as the request is decided; written once at the end."""
+
+    request_id: str
+    principal_type: str
+    principal_id: str
+    action: str
+    client_ip: str | None
+    user_agent: str | None
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    user_id: str | None = None
+    flow: str | None = None
+    outcome: str = "failed"
+    http_status: int = 500
+    error_code: str | None = None
+    stripe_customer_id: str | None = None
+    stripe_session_id: str | None = None
+    stripe_request_id: str | None = None
+    duration_ms: float = 0.0
+    detail: dict[str, Any] | None = None
+
+
+def outcome_for(status: int) -> str:
+    """created / refused (the caller's problem) / failed (ours or Stripe's)."""
+    if status < 400:
+        return "created"
+    return "refused" if status < 500 else "failed"
+
+
+def _clean_ip(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+async def record(db: Database, metrics: Metrics, event: AuditEvent) -> None:
+    """Write the row, then the log line. Raise DatabaseUnavailable if the row failed."""
+    event.outcome = outcome_for(event.http_status)
+    event.client_ip = _clean_ip(event.client_ip)
+    if event.user_agent is not None:
+        event.user_agent = event.user_agent[:512]
+    fields = asdict(event)
+    fields["occurred_at"] = event.occurred_at.isoformat()
+    try:
+        await queries.insert_audit(db, event)
+    except DatabaseUnavailable:
+        metrics.audit_events.labels(outcome="write_failed").inc()
+        logger.error("audit_write_failed", **fields)
+        raise
+    metrics.audit_events.labels(outcome=event.outcome).inc()
+    logger.info("audit", **fields)

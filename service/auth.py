@@ -1,0 +1,143 @@
+"""Who is calling: service clients (opaque tokens) and end users (JWTs).
+
+A bearer token that starts with ``pgw_`` is a service-client token; anything
+else is treated as a JWT. The two can't be confused: a JWT always starts with
+``eyJ`` (base64 of ``{"``) and contains two dots, a client token contains none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+
+from service.config import Settings
+from service.db import queries
+from service.db.pool import Database
+from service.errors import Unauthenticated
+
+CLIENT_TOKEN_PREFIX = "pgw_"  # noqa: S105 - a public prefix, not a secret
+SCOPE_CREATE_SESSIONS = "portal_sessions:create"
+JWT_LEEWAY_SECONDS = 30
+MAX_TOKEN_LENGTH = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller."""
+
+    type: str  # "client" or "user"
+    id: str  # client name, or the user's id (the JWT's `sub`)
+    scopes: frozenset[str]
+    rate_limit_per_minute: int
+
+    @property
+    def key(self) -> str:
+        """A stable identity for rate limits and idempotency keys."""
+        return f"{self.type}:{self.id}"
+
+
+def generate_client_token() -> str:
+    """A new service-client token: 256 bits of randomness behind the prefix."""
+    return CLIENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> bytes:
+    """What we store and look up instead of the token.
+
+    The token has 256 bits of entropy, so a plain SHA-256 is enough; the lookup
+    is an index probe on the hash, which tells an attacker nothing about which
+    tokens exist (they cannot steer the hash).
+    """
+    return hashlib.sha256(token.encode()).digest()
+
+
+def bearer_token(header: str | None) -> str:
+    """The token of an ``Authorization: Bearer`` header, or Unauthenticated."""
+    if not header:
+        raise Unauthenticated("missing")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH:
+        raise Unauthenticated("malformed")
+    return token
+
+
+class Authenticator:
+    """Turns a bearer token into a Principal, or raises Unauthenticated."""
+
+    def __init__(self, settings: Settings, db: Database, jwt_keys: JwtKeys | None) -> None:
+        self._settings = settings
+        self._db = db
+        self._jwt_keys = jwt_keys
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        if token.startswith(CLIENT_TOKEN_PREFIX):
+            return await self._client(token)
+        return await self._end_user(token)
+
+    async def _client(self, token: str) -> Principal:
+        row = await queries.find_client(self._db, hash_token(token))
+        if row is None:
+            raise Unauthenticated("unknown_token")
+        return Principal("client", row.name, frozenset(row.scopes), row.rate_limit_per_minute)
+
+    async def _end_user(self, token: str) -> Principal:
+        if self._jwt_keys is None:
+            raise Unauthenticated("jwt_disabled")
+        s = self._settings
+        try:
+            header = jwt.get_unverified_header(token)
+            alg = header.get("alg")
+            if alg not in s.jwt_algorithms:
+                raise Unauthenticated("jwt_algorithm")
+            key = await self._jwt_keys.key_for(alg, header.get("kid"))
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=s.jwt_audience,
+                issuer=s.jwt_issuer,
+                leeway=JWT_LEEWAY_SECONDS,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("jwt_expired") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("jwt_invalid") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not 1 <= len(sub) <= 128:
+            raise Unauthenticated("jwt_invalid")
+        return Principal(
+            "user", sub, frozenset({SCOPE_CREATE_SESSIONS}), s.end_user_rate_limit_per_minute
+        )
+
+
+class JwtKeys:
+    """Verification keys for end-user tokens from a PEM file or an HMAC secret."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._public_key: Any = None
+        self._hmac_secret: str | None = None
+        if settings.jwt_public_key_file is not None:
+            pem = settings.jwt_public_key_file.read_bytes()
+            # A parsed key object, never the PEM text: PyJWT would accept PEM
+            # bytes as an HMAC secret, the classic algorithm-confusion attack.
+            self._public_key = serialization.load_pem_public_key(pem)
+        if settings.jwt_hs256_secret is not None:
+            self._hmac_secret = settings.jwt_hs256_secret.reveal()
+
+    async def key_for(self, alg: str, kid: object) -> Any:
+        """The key for this algorithm; an RSA/EC key is never offered to an HMAC algorithm."""
+        if alg.startswith("HS"):
+            if self._hmac_secret is None:
+                raise jwt.InvalidAlgorithmError("no HMAC secret configured")
+            return self._hmac_secret
+        if self._public_key is None:
+            raise jwt.InvalidAlgorithmError("no public key configured")
+        return self._public_key

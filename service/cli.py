@@ -1,0 +1,203 @@
+"""``portal-gateway``: serve, migrate, clients, import, demo.
+
+Exit codes: 0 success, 1 an operation failed (bad CSV, unknown client, database
+down), 2 bad configuration or usage. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from aiohttp import web
+
+from service import logs
+from service.app import StartupError, create_app
+from service.auth import SCOPE_CREATE_SESSIONS, generate_client_token, hash_token
+from service.config import ConfigError, Settings
+from service.db import admin
+from service.db.pool import Database
+from service.errors import DatabaseUnavailable
+
+T = TypeVar("T")
+DEFAULT_CLIENT_RATE_LIMIT = 600
+
+
+class CliError(Exception):
+    """An operation failed; the message is the one line to print."""
+
+
+def _settings(serving: bool = False) -> Settings:
+    return Settings.from_os_env(serving=serving)
+
+
+def _run(coro_factory: Callable[[], Awaitable[T]]) -> T:
+    async def runner() -> T:
+        return await coro_factory()
+
+    return asyncio.run(runner())
+
+
+async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    db = await Database.connect(
+        settings.database_url.reveal(), query_timeout=10, min_size=1, max_size=2
+    )
+    try:
+        return await work(db)
+    finally:
+        await db.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(serving=True)
+    logs.configure(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout,
+        access_log=None,  # our canonical access line replaces aiohttp's
+        print=None,
+        handle_signals=True,
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service import migrations
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    url = settings.database_url.reveal()
+    _run(lambda: admin.ensure_database(url))
+    migrations.upgrade(url, args.revision)
+    return 0
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if args.clients_command == "create":
+        token = generate_client_token()
+        scopes = args.scope or [SCOPE_CREATE_SESSIONS]
+        created = _run(
+            lambda: _with_db(
+                settings,
+                lambda db: admin.create_client(
+                    db, args.name, hash_token(token), scopes, args.rate_limit
+                ),
+            )
+        )
+        if not created:
+            raise CliError(f"a client named {args.name!r} already exists")
+        # The token alone on stdout, once: only its hash is stored.
+        print(token)
+        return 0
+    if args.clients_command == "list":
+        clients = _run(lambda: _with_db(settings, admin.list_clients))
+        for c in clients:
+            state = f"revoked {c.revoked_at.isoformat()}" if c.revoked_at else "active"
+            print(f"{c.name}\t{','.join(c.scopes)}\t{c.rate_limit_per_minute}/min\t{state}")
+        return 0
+    revoked = _run(lambda: _with_db(settings, lambda db: admin.revoke_client(db, args.name)))
+    if not revoked:
+        raise CliError(f"no active client named {args.name!r}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from service import importer
+
+    settings = _settings()
+    path = Path(args.file)
+    try:
+        count = _run(
+            lambda: _with_db(
+                settings, lambda db: importer.import_csv(db, args.kind, path, settings)
+            )
+        )
+    except importer.ImportFailed as exc:
+        raise CliError(str(exc)) from None
+    print(f"imported {count} {args.kind} rows from {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service import demo
+
+    return demo.run(args)
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portal-gateway", description="Stripe customer-portal sessions for our users."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the HTTP service").set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="create the database if missing and migrate it")
+    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.set_defaults(func=cmd_migrate)
+
+    clients = sub.add_parser("clients", help="manage service clients")
+    csub = clients.add_subparsers(dest="clients_command", required=True)
+    create = csub.add_parser("create", help="create a client; prints its token once")
+    create.add_argument("name")
+    create.add_argument(
+        "--scope", action="append", help="repeatable; default portal_sessions:create"
+    )
+    create.add_argument(
+        "--rate-limit",
+        type=_positive_int,
+        default=DEFAULT_CLIENT_RATE_LIMIT,
+        help="requests per minute (default 600)",
+    )
+    csub.add_parser("list", help="list clients")
+    revoke = csub.add_parser("revoke", help="revoke a client's token")
+    revoke.add_argument("name")
+    clients.set_defaults(func=cmd_clients)
+
+    imp = sub.add_parser("import", help="upsert mappings from a CSV file (all or nothing)")
+    imp.add_argument("kind", choices=["customers", "subscriptions", "plans", "profiles", "offers"])
+    imp.add_argument("file")
+    imp.set_defaults(func=cmd_import)
+
+    demo = sub.add_parser("demo", help="migrate, seed demo data, run the stand-in and the service")
+    demo.add_argument("--port", type=int, default=None, help="service port (default PORT or 8080)")
+    demo.add_argument("--standin-port", type=int, default=12111)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``portal-gateway`` and ``python -m service``."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"startup error: {exc}", file=sys.stderr)
+        return 2
+    except DatabaseUnavailable as exc:
+        print(f"error: DATABASE_URL: {exc.detail}", file=sys.stderr)
+        return 1
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

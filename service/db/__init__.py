@@ -1,0 +1,1 @@
+"""Postgres access: the pool (``pool.py``) and every SQL statement (``queries.py``)."""

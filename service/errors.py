@@ -1,0 +1,154 @@
+"""Domain errors: each knows its HTTP status and stable ``code``.
+
+The error middleware turns any :class:`ServiceError` into an RFC 9457
+``application/problem+json`` body in one place (``problem_body``). Callers rely
+on ``code``; ``detail`` is for humans and never contains a secret or a URL
+handed out by Stripe.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class ServiceError(Exception):
+    """Base of every error a caller can see."""
+
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        code: str | None = None,
+        detail: str = "",
+        *,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.code = code or self.default_code
+        self.detail = detail
+        self.extra = extra or {}
+        self.headers = headers or {}
+        # Stripe's Request-Id for errors that came back from Stripe (logs and audit).
+        self.stripe_request_id: str | None = None
+        super().__init__(f"{self.code}: {detail}")
+
+
+class BadRequest(ServiceError):
+    status = 400
+    default_code = "malformed_json"
+
+
+class Unauthenticated(ServiceError):
+    """401. The detail is deliberately the same whatever went wrong."""
+
+    status = 401
+    default_code = "unauthenticated"
+
+    def __init__(self, reason: str = "invalid") -> None:
+        # `reason` feeds metrics and logs only; the caller never learns it.
+        super().__init__(
+            detail="A valid bearer token is required.",
+            headers={"WWW-Authenticate": 'Bearer realm="portal-gateway"'},
+        )
+        self.reason = reason
+
+
+class Forbidden(ServiceError):
+    status = 403
+    default_code = "forbidden_user"
+
+
+class NotFound(ServiceError):
+    status = 404
+    default_code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    default_code = "method_not_allowed"
+
+
+class Conflict(ServiceError):
+    status = 409
+    default_code = "conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    default_code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class ValidationFailed(ServiceError):
+    """422 with a field map keyed by dotted path."""
+
+    status = 422
+    default_code = "validation_failed"
+
+    def __init__(self, errors: dict[str, list[str]], detail: str = "") -> None:
+        super().__init__(
+            detail=detail or "The request body is not valid.", extra={"errors": errors}
+        )
+        self.errors = errors
+
+
+class RateLimited(ServiceError):
+    status = 429
+    default_code = "rate_limited"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            detail="Too many requests; retry later.",
+            headers={"Retry-After": str(max(1, retry_after))},
+        )
+
+
+class UpstreamError(ServiceError):
+    """Stripe did not give us a usable session (502)."""
+
+    status = 502
+    default_code = "upstream_rejected"
+
+
+class ServiceUnavailable(ServiceError):
+    status = 503
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeout(ServiceError):
+    status = 504
+    default_code = "upstream_timeout"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    default_code = "database_unavailable"
+
+    def __init__(self, detail: str = "The database is unavailable; retry later.") -> None:
+        super().__init__(detail=detail, headers={"Retry-After": "1"})
+
+
+class InternalError(ServiceError):
+    status = 500
+    default_code = "internal_error"
+
+
+def problem_body(error: ServiceError, request_id: str) -> dict[str, Any]:
+    """The RFC 9457 problem document for an error."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(error.status).phrase,
+        "status": error.status,
+        "code": error.code,
+        "detail": error.detail or HTTPStatus(error.status).description,
+        "request_id": request_id,
+    }
+    body.update(error.extra)
+    return body

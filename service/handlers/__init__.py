@@ -1,0 +1,1 @@
+"""Thin HTTP handlers: read the request, call the use case, write the response."""

@@ -1,0 +1,66 @@
+"""``/healthz`` (alive), ``/readyz`` (can serve traffic) and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiohttp import web
+from aiohttp_apigami import docs, response_schema
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import keys
+from service.db import queries
+from service.errors import ServiceError
+from service.schemas import HealthSchema
+
+
+def _json(status: int, body: dict[str, object]) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@docs(tags=["operations"], summary="Liveness: the process is up")
+@response_schema(HealthSchema, 200)
+async def healthz(request: web.Request) -> web.Response:
+    return _json(200, {"status": "ok"})
+
+
+@docs(
+    tags=["operations"],
+    summary="Readiness: database answers, migrations at head, not draining",
+    responses={503: {"description": "Not ready", "schema": HealthSchema}},
+)
+@response_schema(HealthSchema, 200)
+async def readyz(request: web.Request) -> web.Response:
+    lifecycle = request.app[keys.LIFECYCLE]
+    checks: dict[str, str] = {}
+    if lifecycle.draining:
+        checks["draining"] = "yes"
+    db = request.app[keys.DB]
+    try:
+        revision = await asyncio.wait_for(queries.current_revision(db), timeout=db.timeout)
+    except (ServiceError, TimeoutError):
+        checks["database"] = "unavailable"
+    else:
+        checks["database"] = "ok"
+        checks["migrations"] = "ok" if revision == lifecycle.migrations_head else "not_at_head"
+    ready = not lifecycle.draining and checks.get("migrations") == "ok"
+    return _json(
+        200 if ready else 503, {"status": "ready" if ready else "not_ready", "checks": checks}
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this app's registry."""
+    m = request.app[keys.METRICS]
+    db = request.app.get(keys.DB)
+    if db is not None:
+        for state, value in db.pool_stats().items():
+            m.db_pool.labels(state=state).set(value)
+    body = generate_latest(m.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

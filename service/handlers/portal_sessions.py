@@ -1,0 +1,114 @@
+"""``POST /v1/portal-sessions``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp_apigami import docs, request_schema, response_schema
+
+from service import keys
+from service.audit import ACTION_CREATE_SESSION
+from service.auth import SCOPE_CREATE_SESSIONS
+from service.errors import BadRequest
+from service.middlewares import log_fields, protected
+from service.portal import deadline_from_now, open_portal_session
+from service.schemas import PortalSessionRequestSchema, PortalSessionSchema, ProblemSchema
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+ERROR_RESPONSES = {
+    400: "`malformed_json`, `invalid_header`",
+    401: "`unauthenticated`",
+    403: "`forbidden_user`, `insufficient_scope`, `return_url_not_allowed`",
+    404: "`unknown_user`, `unknown_subscription`, `no_open_subscription`, `unknown_plan`, "
+    "`unknown_offer`, `unknown_portal`",
+    409: "`subscription_ambiguous`, `subscription_not_open`, `subscription_not_updatable`, "
+    "`idempotency_conflict`",
+    413: "`payload_too_large`",
+    415: "`unsupported_media_type`",
+    422: "`validation_failed`",
+    429: "`rate_limited` (with `Retry-After`)",
+    500: "`internal_error`",
+    502: "`upstream_rejected`, `upstream_auth_failed`, `upstream_bad_response`",
+    503: "`upstream_unavailable`, `database_unavailable`, `overloaded`, `draining`",
+    504: "`upstream_timeout`",
+}
+
+
+def _error_responses() -> dict[int, dict[str, Any]]:
+    return {
+        status: {"description": codes, "schema": ProblemSchema}
+        for status, codes in ERROR_RESPONSES.items()
+    }
+
+
+@docs(
+    tags=["portal sessions"],
+    summary="Open a Stripe customer-portal session for one of our users",
+    description=(
+        "Authenticate with `Authorization: Bearer <token>`: a service-client token "
+        "(`pgw_…`) acting for any user, or an end user's JWT acting for its `sub` only. "
+        "Optional `Idempotency-Key` (1-255 printable ASCII): the same key and body within "
+        "the TTL return the same session."
+    ),
+    parameters=[
+        {
+            "in": "header",
+            "name": "Idempotency-Key",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        },
+        {
+            "in": "header",
+            "name": "X-Request-ID",
+            "required": False,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+        },
+    ],
+    security=[{"bearerAuth": []}],
+    responses=_error_responses(),
+)
+@request_schema(PortalSessionRequestSchema)
+@response_schema(PortalSessionSchema, 201, description="The session was opened.")
+@protected(SCOPE_CREATE_SESSIONS, ACTION_CREATE_SESSION)
+async def create_portal_session(request: web.Request) -> web.Response:
+    """Validate → resolve → call Stripe, then answer 201 with the portal URL."""
+    deadline = deadline_from_now(request.app[keys.SETTINGS])
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise BadRequest(
+            "invalid_header", "Idempotency-Key must be 1-255 printable ASCII characters."
+        )
+    principal = request[keys.PRINCIPAL]
+    opened = await open_portal_session(
+        request.app[keys.PORTAL],
+        principal,
+        request["data"],
+        idempotency_key=idempotency_key,
+        audit=request[keys.AUDIT],
+        deadline=deadline,
+    )
+    session = opened.session
+    log_fields(request, upstream_request_id=session.request_id, attempts=session.attempts)
+    request.app[keys.METRICS].sessions_created.labels(
+        flow=opened.flow or "home", principal_type=principal.type
+    ).inc()
+    body = {
+        "id": session.id,
+        "url": session.url,
+        "created": session.created,
+        "user_id": opened.user_id,
+        "flow": opened.flow,
+        "locale": session.locale,
+        "return_url": session.return_url,
+        "livemode": session.livemode,
+    }
+    return web.Response(
+        status=201,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )

@@ -1,0 +1,36 @@
+"""Every typed key for application and request state, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from service.audit import AuditEvent
+    from service.auth import Authenticator, Principal
+    from service.config import Settings
+    from service.db.pool import Database
+    from service.lifecycle import Lifecycle
+    from service.metrics import Metrics
+    from service.portal import PortalDeps
+    from service.ratelimit import RateLimiter
+    from service.stripe import StripeClient
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+DB: web.AppKey[Database] = web.AppKey("db")
+HTTP_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("http_session")
+STRIPE: web.AppKey[StripeClient] = web.AppKey("stripe")
+AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+PORTAL: web.AppKey[PortalDeps] = web.AppKey("portal")
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")
+AUDIT: web.RequestKey[AuditEvent] = web.RequestKey("audit")
+JSON_BODY: web.RequestKey[Any] = web.RequestKey("json_body")
+# Canonical-log fields a handler learns (flow, user, upstream request id, attempts).
+LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields")

@@ -1,0 +1,260 @@
+"""The use case: open a portal session for one of our users.
+
+Reads top to bottom: who is the target user → check return URLs → resolve our
+ids to Stripe ids (one round trip) → build Stripe's params → call Stripe.
+It knows nothing of HTTP; the handler and middlewares around it do auth,
+validation, audit and the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.audit import AuditEvent
+from service.auth import Principal
+from service.config import Settings
+from service.db import queries
+from service.db.pool import Database
+from service.errors import Conflict, Forbidden, NotFound, ServiceError, ValidationFailed
+from service.metrics import Metrics
+from service.return_urls import ReturnUrlMalformed, ReturnUrlNotAllowed, check_return_url
+from service.schemas import SUBSCRIPTION_FLOWS
+from service.stripe import PortalSession, StripeClient
+
+OPEN_STATUSES = frozenset({"active", "trialing", "past_due"})
+
+
+@dataclass(frozen=True, slots=True)
+class PortalDeps:
+    """What the use case needs from the application."""
+
+    settings: Settings
+    db: Database
+    stripe: StripeClient
+    metrics: Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedSession:
+    session: PortalSession
+    user_id: str
+    flow: str | None
+
+
+async def open_portal_session(
+    deps: PortalDeps,
+    principal: Principal,
+    body: dict[str, Any],
+    *,
+    idempotency_key: str | None,
+    audit: AuditEvent,
+    deadline: float,
+) -> OpenedSession:
+    """Resolve, call Stripe and return the session; raise a ServiceError otherwise."""
+    settings = deps.settings
+    user_id = _target_user(principal, body)
+    audit.user_id = user_id
+    flow: dict[str, Any] | None = body.get("flow")
+    flow_type = flow["type"] if flow else None
+    audit.flow = flow_type or "home"
+
+    _check_return_urls(settings, body)
+
+    claim = None
+    if idempotency_key is not None:
+        claim = _idempotency_claim(principal, idempotency_key, user_id, body, settings)
+    offer_name = flow.get("retention_offer") or flow.get("discount") if flow else None
+    row = await queries.resolve(
+        deps.db,
+        user_id=user_id,
+        portal=body.get("portal"),
+        plan=flow.get("plan") if flow else None,
+        offer=offer_name,
+        with_subscriptions=flow_type in SUBSCRIPTION_FLOWS,
+        claim=claim,
+    )
+    if claim is not None and row["idem_request_hash"] != claim.request_hash:
+        raise Conflict(
+            "idempotency_conflict",
+            "This Idempotency-Key was used with a different request body.",
+        )
+    if not row["customer_found"]:
+        raise NotFound("unknown_user", "No Stripe customer is mapped for this user.")
+    audit.stripe_customer_id = row["stripe_customer_id"] or row["stripe_account_id"]
+    if body.get("portal") and row["profile_name"] is None:
+        raise NotFound(
+            "unknown_portal", "No portal profile has this name.", extra={"field": "portal"}
+        )
+
+    params: dict[str, Any] = {
+        "customer": row["stripe_customer_id"],
+        "customer_account": row["stripe_account_id"],
+        "configuration": row["configuration_id"],
+        "on_behalf_of": row["on_behalf_of"],
+        "locale": body.get("locale") or row["customer_locale"],
+        "return_url": body.get("return_url")
+        or row["default_return_url"]
+        or settings.default_return_url,
+    }
+    if flow is not None:
+        params["flow_data"] = _flow_data(flow, row)
+
+    upstream_key = claim.upstream_key if claim is not None else str(uuid.uuid4())
+    try:
+        session = await deps.stripe.create_portal_session(
+            params, idempotency_key=upstream_key, deadline=deadline
+        )
+    except ServiceError as exc:
+        audit.stripe_request_id = exc.stripe_request_id
+        raise
+    audit.stripe_session_id = session.id
+    audit.stripe_request_id = session.request_id
+    audit.detail = {"attempts": session.attempts}
+    return OpenedSession(session, user_id, flow_type)
+
+
+def _target_user(principal: Principal, body: dict[str, Any]) -> str:
+    requested = body.get("user_id")
+    if principal.type == "user":
+        if requested is not None and requested != principal.id:
+            raise Forbidden("forbidden_user", "End users may open only their own portal.")
+        return principal.id
+    if requested is None:
+        raise ValidationFailed({"user_id": ["Missing data for required field."]})
+    return str(requested)
+
+
+def _check_return_urls(settings: Settings, body: dict[str, Any]) -> None:
+    urls = {"return_url": body.get("return_url")}
+    after = (body.get("flow") or {}).get("after_completion") or {}
+    urls["flow.after_completion.return_url"] = after.get("return_url")
+    for path, url in urls.items():
+        if url is None:
+            continue
+        try:
+            check_return_url(
+                url,
+                settings.return_url_allowlist,
+                allow_http_localhost=settings.allow_http_localhost,
+            )
+        except ReturnUrlMalformed as exc:
+            raise ValidationFailed({path: [f"Not a valid return URL: {exc}."]}) from None
+        except ReturnUrlNotAllowed as exc:
+            raise Forbidden(
+                "return_url_not_allowed", f"{path} is not allowed: {exc}.", extra={"field": path}
+            ) from None
+
+
+def _idempotency_claim(
+    principal: Principal, key: str, user_id: str, body: dict[str, Any], settings: Settings
+) -> queries.IdempotencyClaim:
+    request_hash = hashlib.sha256(
+        orjson.dumps({"user_id": user_id, "body": body}, option=orjson.OPT_SORT_KEYS)
+    ).digest()
+    # Derived from principal + key + a fresh nonce: two callers never share an
+    # upstream key, and a key reused after its TTL gets a new session.
+    upstream_key = hashlib.sha256(f"{principal.key}\0{key}\0{uuid.uuid4()}".encode()).hexdigest()
+    return queries.IdempotencyClaim(
+        principal.key, key, request_hash, upstream_key, settings.idempotency_ttl_seconds
+    )
+
+
+def _flow_data(flow: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    flow_type: str = flow["type"]
+    data: dict[str, Any] = {"type": flow_type}
+    after = flow.get("after_completion")
+    if after is not None:
+        data["after_completion"] = _after_completion(after)
+    if flow_type not in SUBSCRIPTION_FLOWS:
+        return data
+    sub = _pick_subscription(row["subscriptions"] or [], flow.get("subscription"))
+    if flow_type == "subscription_cancel":
+        cancel: dict[str, Any] = {"subscription": sub["id"]}
+        if "retention_offer" in flow:
+            coupon = _offer(row, flow["retention_offer"], "flow.retention_offer", coupon_only=True)
+            cancel["retention"] = {"type": "coupon_offer", "coupon_offer": {"coupon": coupon[1]}}
+        data["subscription_cancel"] = cancel
+    elif flow_type == "subscription_update":
+        data["subscription_update"] = {"subscription": sub["id"]}
+    else:
+        if sub["item_id"] is None:
+            raise Conflict(
+                "subscription_not_updatable",
+                "This subscription has several items; Stripe can't update it through the portal.",
+            )
+        item: dict[str, Any] = {"id": sub["item_id"]}
+        if "plan" in flow:
+            if row["plan_price_id"] is None or not row["plan_active"]:
+                raise NotFound(
+                    "unknown_plan", "No active plan has this name.", extra={"field": "flow.plan"}
+                )
+            item["price"] = row["plan_price_id"]
+        if "quantity" in flow:
+            item["quantity"] = flow["quantity"]
+        confirm: dict[str, Any] = {"subscription": sub["id"], "items": [item]}
+        if "discount" in flow:
+            kind, stripe_id = _offer(row, flow["discount"], "flow.discount", coupon_only=False)
+            confirm["discounts"] = [{kind: stripe_id}]
+        data["subscription_update_confirm"] = confirm
+    return data
+
+
+def _after_completion(after: dict[str, Any]) -> dict[str, Any]:
+    kind = after["type"]
+    if kind == "redirect":
+        return {"type": kind, "redirect": {"return_url": after["return_url"]}}
+    if kind == "hosted_confirmation" and "message" in after:
+        return {"type": kind, "hosted_confirmation": {"custom_message": after["message"]}}
+    return {"type": kind}
+
+
+def _pick_subscription(subs: list[dict[str, Any]], ref: str | None) -> dict[str, Any]:
+    """The named subscription of this user, or the only open one."""
+    if ref is not None:
+        for sub in subs:
+            if ref in (sub["ref"], sub["id"]):
+                if sub["status"] not in OPEN_STATUSES or sub["stale"]:
+                    raise Conflict(
+                        "subscription_not_open",
+                        f"The subscription is {sub['status']}, not open.",
+                        extra={"field": "flow.subscription"},
+                    )
+                return sub
+        # Same answer for another user's subscription and a made-up one.
+        raise NotFound(
+            "unknown_subscription",
+            "This user has no such subscription.",
+            extra={"field": "flow.subscription"},
+        )
+    open_subs = [s for s in subs if s["status"] in OPEN_STATUSES and not s["stale"]]
+    if not open_subs:
+        raise NotFound("no_open_subscription", "This user has no open subscription.")
+    if len(open_subs) > 1:
+        raise Conflict(
+            "subscription_ambiguous",
+            "This user has several open subscriptions; name one in flow.subscription.",
+            extra={"subscriptions": [s["ref"] or s["id"] for s in open_subs]},
+        )
+    return open_subs[0]
+
+
+def _offer(row: dict[str, Any], name: str, path: str, *, coupon_only: bool) -> tuple[str, str]:
+    if row["offer_kind"] is None:
+        raise NotFound("unknown_offer", "No offer has this name.", extra={"field": path})
+    if coupon_only and row["offer_kind"] != "coupon":
+        raise ValidationFailed(
+            {path: ["A retention offer must be a coupon, not a promotion code."]}
+        )
+    kind = "coupon" if row["offer_kind"] == "coupon" else "promotion_code"
+    return kind, row["offer_stripe_id"]
+
+
+def deadline_from_now(settings: Settings) -> float:
+    """The loop time by which the whole request must be answered."""
+    return asyncio.get_running_loop().time() + settings.request_deadline_seconds
