@@ -1,0 +1,47 @@
+"""A strict local stand-in for the parts of Stripe's API portal-gateway uses.
+
+Test and development tooling only (never in the production image, and it must
+not import ``service``): the service's tests and ``make run`` point
+``STRIPE_API_BASE`` at it instead of api.stripe.com. It validates
+``POST /v1/billing_portal/sessions`` as strictly as Stripe (API version
+2025-09-30.clover), serves ``GET /v1/subscriptions`` from seeded data, records
+every request, and injects faults on demand through ``/_standin/...``.
+
+Run it with ``python -m stripe_standin`` or build it in-process with
+:func:`create_app`; ``app[STATE]`` is the :class:`StandinState` behind both.
+"""
+
+from .app import (
+    DEFAULT_API_KEY_PREFIXES,
+    DEFAULT_API_VERSION,
+    DEFAULT_CONFIGURATION,
+    REDACTED,
+    STATE,
+    ControlError,
+    Fault,
+    RecordedRequest,
+    StandinState,
+    create_app,
+    mask_api_key,
+)
+from .validation import LOCALES, StripeError, decode_form
+
+DEFAULT_PORT = 12111  # stripe-mock's port, so either can serve the same configuration
+
+__all__ = [
+    "DEFAULT_API_KEY_PREFIXES",
+    "DEFAULT_API_VERSION",
+    "DEFAULT_CONFIGURATION",
+    "DEFAULT_PORT",
+    "LOCALES",
+    "REDACTED",
+    "STATE",
+    "ControlError",
+    "Fault",
+    "RecordedRequest",
+    "StandinState",
+    "StripeError",
+    "create_app",
+    "decode_form",
+    "mask_api_key",
+]

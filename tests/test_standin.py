@@ -1,0 +1,1105 @@
+"""Tests for the Stripe stand-in (``stripe_standin``), over real HTTP.
+
+The stand-in is the Stripe our other tests and the demo talk to, so these pin
+what they rely on: Stripe's strictness on ``POST /v1/billing_portal/sessions``,
+its error shapes, auth, idempotency, the recordings, every fault kind, and the
+subscription list's pagination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDictProxy
+from pytest_aiohttp import AiohttpClient
+
+from stripe_standin import (
+    LOCALES,
+    REDACTED,
+    STATE,
+    ControlError,
+    StandinState,
+    StripeError,
+    create_app,
+    decode_form,
+    mask_api_key,
+)
+
+Client = TestClient[web.Request, web.Application]
+Pairs = list[tuple[str, str]]
+
+KEY = "sk_test_51StandinTestKey000000000001"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SESSIONS = "/v1/billing_portal/sessions"
+# The keys of Stripe's reference response, plus flow's own keys.
+SESSION_KEYS = {
+    "id",
+    "object",
+    "configuration",
+    "created",
+    "customer",
+    "flow",
+    "livemode",
+    "locale",
+    "on_behalf_of",
+    "return_url",
+    "url",
+}
+FLOW_KEYS = {
+    "after_completion",
+    "subscription_cancel",
+    "subscription_update",
+    "subscription_update_confirm",
+    "type",
+}
+SUC = "flow_data[subscription_update_confirm]"
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient) -> Client:
+    return await aiohttp_client(create_app())
+
+
+def state_of(client: Client) -> StandinState:
+    return client.app[STATE]
+
+
+async def post_session(
+    client: Client, pairs: Pairs, headers: dict[str, str] | None = None
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
+    async with client.post(SESSIONS, data=pairs, headers={**AUTH, **(headers or {})}) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def control(client: Client, method: str, path: str, body: object = None) -> Any:
+    async with client.request(method, f"/_standin/{path}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+BASE: Pairs = [("customer", "cus_NciAYcXfLnqBoz"), ("return_url", "https://example.com/account")]
+
+
+# --------------------------------------------------------------------------- success
+
+FLOW_CASES: list[tuple[str, Pairs, dict[str, Any]]] = [
+    (
+        "payment_method_update+portal_homepage",
+        [
+            ("flow_data[type]", "payment_method_update"),
+            ("flow_data[after_completion][type]", "portal_homepage"),
+        ],
+        {"type": "payment_method_update", "after_completion": {"type": "portal_homepage"}},
+    ),
+    (
+        "subscription_cancel+retention+redirect",
+        [
+            ("flow_data[type]", "subscription_cancel"),
+            ("flow_data[subscription_cancel][subscription]", "sub_1"),
+            ("flow_data[subscription_cancel][retention][type]", "coupon_offer"),
+            ("flow_data[subscription_cancel][retention][coupon_offer][coupon]", "STAY20"),
+            ("flow_data[after_completion][type]", "redirect"),
+            ("flow_data[after_completion][redirect][return_url]", "https://example.com/done"),
+        ],
+        {
+            "type": "subscription_cancel",
+            "subscription_cancel": {
+                "subscription": "sub_1",
+                "retention": {"type": "coupon_offer", "coupon_offer": {"coupon": "STAY20"}},
+            },
+            "after_completion": {
+                "type": "redirect",
+                "redirect": {"return_url": "https://example.com/done"},
+            },
+        },
+    ),
+    (
+        "subscription_update+hosted_confirmation",
+        [
+            ("flow_data[type]", "subscription_update"),
+            ("flow_data[subscription_update][subscription]", "sub_2"),
+            ("flow_data[after_completion][type]", "hosted_confirmation"),
+            ("flow_data[after_completion][hosted_confirmation][custom_message]", "Merci !"),
+        ],
+        {
+            "type": "subscription_update",
+            "subscription_update": {"subscription": "sub_2"},
+            "after_completion": {
+                "type": "hosted_confirmation",
+                "hosted_confirmation": {"custom_message": "Merci !"},
+            },
+        },
+    ),
+    (
+        "subscription_update_confirm",
+        [
+            ("flow_data[type]", "subscription_update_confirm"),
+            (f"{SUC}[subscription]", "sub_3"),
+            (f"{SUC}[items][0][id]", "si_1"),
+            (f"{SUC}[items][0][price]", "price_pro"),
+            (f"{SUC}[items][0][quantity]", "5"),
+            (f"{SUC}[discounts][0][promotion_code]", "promo_spring"),
+        ],
+        {
+            "type": "subscription_update_confirm",
+            "subscription_update_confirm": {
+                "subscription": "sub_3",
+                "items": [{"id": "si_1", "price": "price_pro", "quantity": "5"}],
+                "discounts": [{"promotion_code": "promo_spring"}],
+            },
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "flow_data"), [c[1:] for c in FLOW_CASES], ids=[c[0] for c in FLOW_CASES]
+)
+async def test_every_flow_and_after_completion_succeeds(
+    client: Client, pairs: Pairs, flow_data: dict[str, Any]
+) -> None:
+    status, body, headers = await post_session(client, [*BASE, *pairs])
+
+    assert status == 200, body
+    assert set(body) == SESSION_KEYS
+    assert set(body["flow"]) == FLOW_KEYS
+    assert body["flow"]["type"] == flow_data["type"]
+    after = flow_data.get("after_completion", {"type": "portal_homepage"})
+    assert body["flow"]["after_completion"]["type"] == after["type"]
+    recorded = state_of(client).requests[-1]
+    assert recorded.params == {**dict(BASE), "flow_data": flow_data}
+    assert recorded.raw == [*BASE, *pairs]
+    assert recorded.status == 200
+    assert recorded.request_id == headers["Request-Id"]
+
+
+async def test_flow_is_echoed_like_stripe(client: Client) -> None:
+    _, body, _ = await post_session(client, [*BASE, *FLOW_CASES[3][1]])
+
+    assert body["flow"] == {
+        "after_completion": {
+            "hosted_confirmation": None,
+            "redirect": None,
+            "type": "portal_homepage",
+        },
+        "subscription_cancel": None,
+        "subscription_update": None,
+        "subscription_update_confirm": {
+            "discounts": [{"coupon": None, "promotion_code": "promo_spring"}],
+            "items": [{"id": "si_1", "price": "price_pro", "quantity": 5}],
+            "subscription": "sub_3",
+        },
+        "type": "subscription_update_confirm",
+    }
+
+    _, body, _ = await post_session(client, [*BASE, *FLOW_CASES[1][1]])
+    assert body["flow"]["subscription_cancel"] == {
+        "retention": {"coupon_offer": {"coupon": "STAY20"}, "type": "coupon_offer"},
+        "subscription": "sub_1",
+    }
+    assert body["flow"]["after_completion"]["redirect"] == {
+        "return_url": "https://example.com/done"
+    }
+
+
+async def test_session_object_matches_the_reference_shape(client: Client) -> None:
+    status, body, headers = await post_session(client, list(BASE))
+
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    assert body["id"].startswith("bps_")
+    assert body["object"] == "billing_portal.session"
+    assert body["configuration"].startswith("bpc_")
+    assert abs(body["created"] - time.time()) < 5
+    assert body["customer"] == "cus_NciAYcXfLnqBoz"
+    assert body["flow"] is None
+    assert body["livemode"] is False
+    assert body["locale"] is None
+    assert body["on_behalf_of"] is None
+    assert body["return_url"] == "https://example.com/account"
+    assert body["url"].startswith("https://billing.stripe.com/p/session/test_")
+    assert "customer_account" not in body
+
+
+async def test_optional_params_are_echoed(client: Client) -> None:
+    pairs = [
+        ("customer_account", "acct_1Nv0FGQ9RKHgCVdK"),
+        ("configuration", "bpc_1MAhNDLkdIwHu7ix"),
+        ("on_behalf_of", "acct_1Platform"),
+        ("locale", "fr-CA"),
+    ]
+    status, body, _ = await post_session(client, pairs)
+
+    assert status == 200, body
+    assert set(body) == SESSION_KEYS | {"customer_account"}
+    assert body["customer"] is None
+    assert body["customer_account"] == "acct_1Nv0FGQ9RKHgCVdK"
+    assert body["configuration"] == "bpc_1MAhNDLkdIwHu7ix"
+    assert body["on_behalf_of"] == "acct_1Platform"
+    assert body["locale"] == "fr-CA"
+    assert body["return_url"] is None
+
+
+async def test_every_spec_locale_is_accepted(client: Client) -> None:
+    for locale in LOCALES:
+        status, body, _ = await post_session(client, [*BASE, ("locale", locale)])
+        assert (status, body["locale"]) == (200, locale)
+
+
+# --------------------------------------------------------------------------- strictness
+
+CONFIRM: Pairs = [
+    ("flow_data[type]", "subscription_update_confirm"),
+    (f"{SUC}[subscription]", "sub_3"),
+    (f"{SUC}[items][0][id]", "si_1"),
+]
+CUS = [("customer", "cus_1")]
+REJECTIONS: list[tuple[str, Pairs, str, str]] = [
+    ("unknown top-level", [*CUS, ("colour", "red")], "parameter_unknown", "colour"),
+    (
+        "unknown nested",
+        [*CUS, *CONFIRM, (f"{SUC}[items][0][colour]", "red")],
+        "parameter_unknown",
+        f"{SUC}[items][0][colour]",
+    ),
+    ("empty value", [*CUS, ("return_url", "")], "parameter_invalid_empty", "return_url"),
+    (
+        "empty nested value",
+        [
+            *CUS,
+            ("flow_data[type]", "payment_method_update"),
+            ("flow_data[after_completion][type]", "hosted_confirmation"),
+            ("flow_data[after_completion][hosted_confirmation][custom_message]", ""),
+        ],
+        "parameter_invalid_empty",
+        "flow_data[after_completion][hosted_confirmation][custom_message]",
+    ),
+    (
+        "missing flow type",
+        [*CUS, ("flow_data[after_completion][type]", "portal_homepage")],
+        "parameter_missing",
+        "flow_data[type]",
+    ),
+    (
+        "missing conditional flow object",
+        [*CUS, ("flow_data[type]", "subscription_cancel")],
+        "parameter_missing",
+        "flow_data[subscription_cancel]",
+    ),
+    (
+        "flow object of another type",
+        [
+            *CUS,
+            ("flow_data[type]", "subscription_update"),
+            ("flow_data[subscription_update][subscription]", "sub_1"),
+            ("flow_data[subscription_cancel][subscription]", "sub_1"),
+        ],
+        "parameter_unknown",
+        "flow_data[subscription_cancel]",
+    ),
+    (
+        "redirect without its object",
+        [
+            *CUS,
+            ("flow_data[type]", "payment_method_update"),
+            ("flow_data[after_completion][type]", "redirect"),
+        ],
+        "parameter_missing",
+        "flow_data[after_completion][redirect]",
+    ),
+    (
+        "redirect object with another type",
+        [
+            *CUS,
+            ("flow_data[type]", "payment_method_update"),
+            ("flow_data[after_completion][type]", "portal_homepage"),
+            ("flow_data[after_completion][redirect][return_url]", "https://example.com"),
+        ],
+        "parameter_unknown",
+        "flow_data[after_completion][redirect]",
+    ),
+    (
+        "hosted_confirmation object with another type",
+        [
+            *CUS,
+            ("flow_data[type]", "payment_method_update"),
+            ("flow_data[after_completion][type]", "redirect"),
+            ("flow_data[after_completion][redirect][return_url]", "https://example.com"),
+            ("flow_data[after_completion][hosted_confirmation][custom_message]", "hi"),
+        ],
+        "parameter_unknown",
+        "flow_data[after_completion][hosted_confirmation]",
+    ),
+    (
+        "coupon offer without its object",
+        [
+            *CUS,
+            ("flow_data[type]", "subscription_cancel"),
+            ("flow_data[subscription_cancel][subscription]", "sub_1"),
+            ("flow_data[subscription_cancel][retention][type]", "coupon_offer"),
+        ],
+        "parameter_missing",
+        "flow_data[subscription_cancel][retention][coupon_offer]",
+    ),
+    (
+        "two items",
+        [*CUS, *CONFIRM, (f"{SUC}[items][1][id]", "si_2")],
+        "parameter_invalid_array",
+        f"{SUC}[items]",
+    ),
+    ("no items", [*CUS, *CONFIRM[:2]], "parameter_missing", f"{SUC}[items]"),
+    (
+        "item without id",
+        [*CUS, *CONFIRM[:2], (f"{SUC}[items][0][quantity]", "2")],
+        "parameter_missing",
+        f"{SUC}[items][0][id]",
+    ),
+    (
+        "items not an array",
+        [*CUS, *CONFIRM[:2], (f"{SUC}[items][id]", "si_1")],
+        "parameter_invalid_array",
+        f"{SUC}[items]",
+    ),
+    (
+        "quantity not an integer",
+        [*CUS, *CONFIRM, (f"{SUC}[items][0][quantity]", "2.5")],
+        "parameter_invalid_integer",
+        f"{SUC}[items][0][quantity]",
+    ),
+    (
+        "quantity zero",
+        [*CUS, *CONFIRM, (f"{SUC}[items][0][quantity]", "0")],
+        "parameter_invalid_integer",
+        f"{SUC}[items][0][quantity]",
+    ),
+    (
+        "two discounts",
+        [
+            *CUS,
+            *CONFIRM,
+            (f"{SUC}[discounts][0][coupon]", "A"),
+            (f"{SUC}[discounts][1][coupon]", "B"),
+        ],
+        "parameter_invalid_array",
+        f"{SUC}[discounts]",
+    ),
+    (
+        "coupon and promotion code",
+        [
+            *CUS,
+            *CONFIRM,
+            (f"{SUC}[discounts][0][coupon]", "A"),
+            (f"{SUC}[discounts][0][promotion_code]", "promo_B"),
+        ],
+        "parameters_exclusive",
+        f"{SUC}[discounts][0][promotion_code]",
+    ),
+    (
+        "customer and customer_account",
+        [*CUS, ("customer_account", "acct_1")],
+        "parameters_exclusive",
+        "customer_account",
+    ),
+    ("neither customer nor account", [("locale", "fr")], "parameter_missing", "customer"),
+    ("bad locale", [*CUS, ("locale", "fr-FR")], "parameter_invalid_string", "locale"),
+    (
+        "bad flow type",
+        [*CUS, ("flow_data[type]", "subscription_pause")],
+        "parameter_invalid_string",
+        "flow_data[type]",
+    ),
+    (
+        "bad after_completion type",
+        [
+            *CUS,
+            ("flow_data[type]", "payment_method_update"),
+            ("flow_data[after_completion][type]", "close"),
+        ],
+        "parameter_invalid_string",
+        "flow_data[after_completion][type]",
+    ),
+    (
+        "bad retention type",
+        [
+            *CUS,
+            ("flow_data[type]", "subscription_cancel"),
+            ("flow_data[subscription_cancel][subscription]", "sub_1"),
+            ("flow_data[subscription_cancel][retention][type]", "discount"),
+        ],
+        "parameter_invalid_string",
+        "flow_data[subscription_cancel][retention][type]",
+    ),
+    ("return_url not a URL", [*CUS, ("return_url", "example.com/x")], "url_invalid", "return_url"),
+    (
+        "redirect return_url not a URL",
+        [
+            *CUS,
+            ("flow_data[type]", "payment_method_update"),
+            ("flow_data[after_completion][type]", "redirect"),
+            ("flow_data[after_completion][redirect][return_url]", "javascript:alert(1)"),
+        ],
+        "url_invalid",
+        "flow_data[after_completion][redirect][return_url]",
+    ),
+    (
+        "flow_data not an object",
+        [*CUS, ("flow_data", "x")],
+        "parameter_invalid_object",
+        "flow_data",
+    ),
+    ("customer id prefix", [("customer", "usr_1")], "resource_missing", "customer"),
+    ("account id prefix", [("customer_account", "cus_1")], "resource_missing", "customer_account"),
+    (
+        "configuration id prefix",
+        [*CUS, ("configuration", "cfg_1")],
+        "resource_missing",
+        "configuration",
+    ),
+    (
+        "on_behalf_of id prefix",
+        [*CUS, ("on_behalf_of", "cus_1")],
+        "resource_missing",
+        "on_behalf_of",
+    ),
+    (
+        "subscription id prefix",
+        [
+            *CUS,
+            ("flow_data[type]", "subscription_update"),
+            ("flow_data[subscription_update][subscription]", "si_1"),
+        ],
+        "resource_missing",
+        "flow_data[subscription_update][subscription]",
+    ),
+    (
+        "item id prefix",
+        [*CUS, *CONFIRM[:2], (f"{SUC}[items][0][id]", "sub_1")],
+        "resource_missing",
+        f"{SUC}[items][0][id]",
+    ),
+    (
+        "price id prefix",
+        [*CUS, *CONFIRM, (f"{SUC}[items][0][price]", "plan_1")],
+        "resource_missing",
+        f"{SUC}[items][0][price]",
+    ),
+    (
+        "promotion code id prefix",
+        [*CUS, *CONFIRM, (f"{SUC}[discounts][0][promotion_code]", "SPRING")],
+        "resource_missing",
+        f"{SUC}[discounts][0][promotion_code]",
+    ),
+    ("malformed name", [*CUS, ("flow_data[type", "x")], "parameter_unknown", "flow_data[type"),
+]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "code", "param"), [c[1:] for c in REJECTIONS], ids=[c[0] for c in REJECTIONS]
+)
+async def test_strict_rejections(client: Client, pairs: Pairs, code: str, param: str) -> None:
+    status, body, headers = await post_session(client, pairs)
+
+    assert status == 400, body
+    error = body["error"]
+    assert set(error) == {"type", "code", "param", "message", "request_log_url", "doc_url"}
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param)
+    assert error["message"]
+    assert headers["Request-Id"] in error["request_log_url"]
+    assert error["doc_url"] == "https://stripe.com/docs/error-codes/" + code.replace("_", "-")
+    assert state_of(client).requests[-1].status == 400
+
+
+async def test_unknown_param_beats_a_missing_one(client: Client) -> None:
+    # Stripe names the stray parameter even when something else is missing too.
+    _, body, _ = await post_session(client, [("flow_data[tpye]", "subscription_cancel")])
+    assert (body["error"]["code"], body["error"]["param"]) == (
+        "parameter_unknown",
+        "flow_data[tpye]",
+    )
+
+
+async def test_declared_missing_ids_answer_resource_missing(client: Client) -> None:
+    await control(client, "POST", "missing", {"ids": ["cus_gone", "sub_gone"]})
+
+    status, body, _ = await post_session(client, [("customer", "cus_gone")])
+    assert status == 400
+    assert body["error"]["code"] == "resource_missing"
+    assert body["error"]["param"] == "customer"
+    assert body["error"]["message"] == "No such customer: 'cus_gone'"
+
+    pairs = [
+        ("customer", "cus_1"),
+        ("flow_data[type]", "subscription_cancel"),
+        ("flow_data[subscription_cancel][subscription]", "sub_gone"),
+    ]
+    status, body, _ = await post_session(client, pairs)
+    assert (status, body["error"]["code"]) == (400, "resource_missing")
+    assert body["error"]["param"] == "flow_data[subscription_cancel][subscription]"
+
+    assert await control(client, "GET", "missing") == {"ids": ["cus_gone", "sub_gone"]}
+    await control(client, "DELETE", "missing")
+    status, _, _ = await post_session(client, [("customer", "cus_gone")])
+    assert status == 200
+
+
+async def test_json_body_is_refused(client: Client) -> None:
+    async with client.post(SESSIONS, json={"customer": "cus_1"}, headers=AUTH) as resp:
+        body = await resp.json()
+    assert resp.status == 400
+    assert "Content-Type" in body["error"]["message"]
+
+
+async def test_bad_stripe_version_is_refused(client: Client) -> None:
+    status, body, _ = await post_session(client, list(BASE), {"Stripe-Version": "clover"})
+    assert status == 400
+    assert body["error"]["message"] == "Invalid Stripe API version: clover"
+
+    status, _, headers = await post_session(
+        client, list(BASE), {"Stripe-Version": "2025-09-30.clover"}
+    )
+    assert (status, headers["Stripe-Version"]) == (200, "2025-09-30.clover")
+
+
+async def test_unknown_route_is_a_stripe_404(client: Client) -> None:
+    async with client.delete("/v1/billing_portal/sessions", headers=AUTH) as resp:
+        body = await resp.json()
+    assert resp.status == 404
+    assert body["error"]["type"] == "invalid_request_error"
+    assert (
+        "Unrecognized request URL (DELETE: /v1/billing_portal/sessions)" in body["error"]["message"]
+    )
+    assert state_of(client).requests[-1].status == 404
+
+
+# --------------------------------------------------------------------------- auth
+
+
+@pytest.mark.parametrize(
+    ("headers", "message_start"),
+    [
+        ({}, "You did not provide an API key."),
+        ({"Authorization": "Bearer "}, "You did not provide an API key."),
+        (
+            {"Authorization": "Bearer sk_live_51SecretLiveKey1234567890"},
+            "Invalid API Key provided: ",
+        ),
+        (
+            {"Authorization": "Bearer pk_test_51PublishableKey123456789"},
+            "Invalid API Key provided: ",
+        ),
+        ({"Authorization": "Token sk_test_51Whatever"}, "Invalid API Key provided: "),
+    ],
+)
+async def test_bad_or_missing_key_is_401(
+    client: Client, headers: dict[str, str], message_start: str
+) -> None:
+    async with client.post(SESSIONS, data=BASE, headers=headers) as resp:
+        body = await resp.json()
+        text = json.dumps(body)
+
+    assert resp.status == 401
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith(message_start)
+    assert "Request-Id" in resp.headers
+    for header in headers.values():
+        key = header.partition(" ")[2]
+        assert len(key) < 8 or key not in text  # never echoed whole
+    assert state_of(client).requests[-1].status == 401
+
+
+def test_keys_are_masked_like_stripe() -> None:
+    assert mask_api_key("sk_live_51SecretLiveKey1234567890") == "sk_live_" + "*" * 21 + "7890"
+    assert mask_api_key("sk_live_short") == "sk_live_*****"
+    assert mask_api_key("whatever") == "********"
+
+
+async def test_restricted_and_basic_auth_keys_are_accepted(client: Client) -> None:
+    status, _, _ = await post_session(
+        client, list(BASE), {"Authorization": "Bearer rk_test_abc123"}
+    )
+    assert status == 200
+    # What `curl -u sk_test_...:` sends.
+    basic = "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
+    status, _, _ = await post_session(client, list(BASE), {"Authorization": basic})
+    assert status == 200
+
+
+async def test_key_prefixes_are_configurable(aiohttp_client: AiohttpClient) -> None:
+    client = await aiohttp_client(create_app(api_key_prefixes=("sk_live_",)))
+    live = {"Authorization": "Bearer sk_live_123"}
+    assert (await post_session(client, list(BASE), live))[0] == 200
+    assert (await post_session(client, list(BASE)))[0] == 401
+
+
+# --------------------------------------------------------------------------- recordings
+
+
+async def test_requests_are_recorded_with_the_key_redacted(client: Client) -> None:
+    await post_session(client, list(BASE), {"Idempotency-Key": "idem-1"})
+    await post_session(client, [("colour", "red")])
+    async with client.get("/v1/subscriptions", params={"customer": "cus_1"}, headers=AUTH):
+        pass
+
+    recorded = await control(client, "GET", "requests")
+
+    assert [r["status"] for r in recorded] == [200, 400, 200]
+    first = recorded[0]
+    assert first["method"] == "POST"
+    assert first["path"] == SESSIONS
+    assert first["headers"]["Authorization"] == REDACTED
+    assert first["params"] == dict(BASE)
+    assert first["raw"] == [list(pair) for pair in BASE]
+    assert first["idempotency_key"] == "idem-1"
+    assert recorded[2]["params"] == {"customer": "cus_1"}
+    assert KEY not in json.dumps(recorded)
+
+    assert await control(client, "DELETE", "requests") == {"deleted": 3}
+    assert await control(client, "GET", "requests") == []
+
+
+async def test_every_response_has_a_request_id(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"status": 500}]})
+    responses = [
+        client.post(SESSIONS, data=BASE, headers=AUTH),  # fault
+        client.post(SESSIONS, data=BASE, headers=AUTH),
+        client.post(SESSIONS, data=BASE),
+        client.get("/_standin/health"),
+        client.get("/_standin/nowhere"),
+    ]
+    seen = set()
+    for pending in responses:
+        async with pending as resp:
+            request_id = resp.headers["Request-Id"]
+            assert request_id.startswith("req_")
+            seen.add(request_id)
+    assert len(seen) == len(responses)
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+async def test_idempotent_replay_returns_the_same_session(client: Client) -> None:
+    key = {"Idempotency-Key": "portal-1"}
+    status1, first, headers1 = await post_session(client, list(BASE), key)
+    # Same params in another order are the same request.
+    status2, second, headers2 = await post_session(client, list(reversed(BASE)), key)
+
+    assert (status1, status2) == (200, 200)
+    assert second == first
+    assert "Idempotent-Replayed" not in headers1
+    assert headers2["Idempotent-Replayed"] == "true"
+    assert headers2["Original-Request"] == headers1["Request-Id"]
+    assert headers2["Request-Id"] != headers1["Request-Id"]
+
+    status3, third, _ = await post_session(client, [*BASE, ("locale", "fr")], key)
+    assert status3 == 400
+    assert third["error"]["type"] == "idempotency_error"
+    assert "portal-1" in third["error"]["message"]
+
+
+async def test_idempotency_keys_are_scoped_per_api_key(client: Client) -> None:
+    key = {"Idempotency-Key": "shared"}
+    _, first, _ = await post_session(client, list(BASE), key)
+    other = {**key, "Authorization": "Bearer sk_test_another"}
+    _, second, headers = await post_session(client, list(BASE), other)
+    assert second["id"] != first["id"]
+    assert "Idempotent-Replayed" not in headers
+
+
+async def test_a_rejected_request_does_not_claim_its_key(client: Client) -> None:
+    key = {"Idempotency-Key": "retry-after-fix"}
+    assert (await post_session(client, [("customer", "")], key))[0] == 400
+    status, _, headers = await post_session(client, list(BASE), key)
+    assert status == 200
+    assert "Idempotent-Replayed" not in headers
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def test_status_fault_with_headers_then_normal(client: Client) -> None:
+    fault = {"status": 503, "headers": {"Stripe-Should-Retry": "false", "Retry-After": "1"}}
+    assert await control(client, "POST", "faults", {"faults": [fault]}) == {
+        "queued": 1,
+        "pending": 1,
+    }
+
+    status, body, headers = await post_session(client, list(BASE))
+    assert status == 503
+    assert body["error"]["type"] == "api_error"
+    assert headers["Stripe-Should-Retry"] == "false"
+    assert headers["Retry-After"] == "1"
+    assert state_of(client).requests[-1].fault == "status"
+
+    assert (await post_session(client, list(BASE)))[0] == 200
+
+
+async def test_rate_limit_and_lock_timeout_bodies(client: Client) -> None:
+    faults = [
+        {"status": 429},
+        {"status": 429, "code": "lock_timeout"},
+        {"status": 500, "body": {"x": 1}},
+    ]
+    await control(client, "POST", "faults", {"faults": faults})
+
+    status, body, _ = await post_session(client, list(BASE))
+    assert (status, body["error"]["type"], body["error"]["code"]) == (
+        429,
+        "invalid_request_error",
+        "rate_limit",
+    )
+    status, body, _ = await post_session(client, list(BASE))
+    assert (status, body["error"]["code"]) == (429, "lock_timeout")
+    status, body, _ = await post_session(client, list(BASE))
+    assert (status, body) == (500, {"x": 1})
+
+
+async def test_repeat_and_order(client: Client) -> None:
+    faults = [{"status": 502, "repeat": 2}, {"status": 500}]
+    await control(client, "POST", "faults", {"faults": faults})
+    assert len((await control(client, "GET", "faults"))["faults"]) == 3
+
+    statuses = [(await post_session(client, list(BASE)))[0] for _ in range(4)]
+    assert statuses == [502, 502, 500, 200]
+
+
+async def test_faults_apply_to_every_api_route_and_can_be_cleared(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"status": 500, "repeat": 3}]})
+    async with client.get("/v1/subscriptions", headers=AUTH) as resp:
+        assert resp.status == 500
+    assert await control(client, "DELETE", "faults") == {"deleted": 2}
+    assert (await post_session(client, list(BASE)))[0] == 200
+
+
+async def test_latency_fault_and_standing_latency(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"latency_ms": 120}]})
+    started = time.monotonic()
+    status, _, _ = await post_session(client, list(BASE))
+    assert status == 200
+    assert time.monotonic() - started >= 0.12
+
+    assert await control(client, "POST", "latency", {"ms": 80}) == {"ms": 80.0}
+    started = time.monotonic()
+    assert (await post_session(client, list(BASE)))[0] == 200
+    assert time.monotonic() - started >= 0.08
+    assert await control(client, "POST", "latency", {"ms": 0}) == {"ms": 0.0}
+
+
+async def test_hang_never_answers(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"hang": True}]})
+    with pytest.raises(TimeoutError):
+        async with client.post(
+            SESSIONS, data=BASE, headers=AUTH, timeout=aiohttp.ClientTimeout(total=0.2)
+        ):
+            pass
+    recorded = state_of(client).requests[-1]
+    assert (recorded.fault, recorded.status) == ("hang", None)
+    assert (await post_session(client, list(BASE)))[0] == 200
+
+
+async def test_reset_drops_the_connection(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"reset": True}]})
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with client.post(SESSIONS, data=BASE, headers=AUTH) as resp:
+            await resp.read()
+    assert state_of(client).requests[-1].status is None
+    assert (await post_session(client, list(BASE)))[0] == 200
+
+
+async def test_truncated_body_is_a_short_read(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"truncated": True}]})
+    async with client.post(SESSIONS, data=BASE, headers=AUTH) as resp:
+        assert resp.status == 200
+        assert resp.content_length is not None
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert (await post_session(client, list(BASE)))[0] == 200
+
+
+async def test_truncated_json_is_cut_off(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"truncated": "json"}]})
+    async with client.post(SESSIONS, data=BASE, headers=AUTH) as resp:
+        text = await resp.text()
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+async def test_non_json_body(client: Client) -> None:
+    await control(client, "POST", "faults", {"faults": [{"non_json": True}]})
+    async with client.post(SESSIONS, data=BASE, headers=AUTH) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/html"
+        with pytest.raises(aiohttp.ContentTypeError):
+            await resp.json()
+
+
+async def test_wrong_object(client: Client) -> None:
+    faults = [{"wrong_object": True}, {"wrong_object": "invoice"}]
+    await control(client, "POST", "faults", {"faults": faults})
+    _, body, _ = await post_session(client, list(BASE))
+    assert body["object"] == "billing_portal.configuration"
+    assert body["url"].startswith("https://")
+    _, body, _ = await post_session(client, list(BASE))
+    assert body["object"] == "invoice"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"stauts": 500},
+        {"hang": True, "reset": True},
+        {"hang": True, "status": 500},
+        {"status": 99},
+        {"status": True},
+        {"status": 200},
+        {"latency_ms": -1},
+        {"repeat": 0},
+        {"truncated": "half"},
+        {"headers": {"X": ["a"]}},
+        "500",
+    ],
+)
+async def test_bad_fault_specs_are_refused(client: Client, fault: object) -> None:
+    async with client.post("/_standin/faults", json={"faults": [{"status": 500}, fault]}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]
+    assert state_of(client).faults == type(state_of(client).faults)()  # all or nothing
+
+
+# --------------------------------------------------------------------------- subscriptions
+
+SUBS = [
+    {
+        "id": f"sub_{n}",
+        "customer": "cus_A",
+        "status": "active",
+        "created": 1_700_000_000 + n,
+        "items": [{"id": f"si_{n}", "price": "price_basic", "quantity": n}],
+    }
+    for n in range(1, 6)
+] + [
+    {"id": "sub_old", "customer": "cus_A", "status": "canceled", "created": 1_600_000_000},
+    {"id": "sub_b", "customer": "cus_B", "items": [{"id": "si_b", "price": "price_pro"}]},
+]
+
+
+async def list_subscriptions(client: Client, **params: str) -> tuple[int, Any]:
+    async with client.get("/v1/subscriptions", params=params, headers=AUTH) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_subscription_list_paginates(client: Client) -> None:
+    assert await control(client, "POST", "subscriptions", {"subscriptions": SUBS}) == {
+        "seeded": 7,
+        "total": 7,
+    }
+
+    status, page = await list_subscriptions(client, customer="cus_A", limit="2")
+    assert status == 200
+    assert (page["object"], page["url"], page["has_more"]) == ("list", "/v1/subscriptions", True)
+    assert [s["id"] for s in page["data"]] == ["sub_5", "sub_4"]
+    first = page["data"][0]
+    assert first["object"] == "subscription"
+    assert first["customer"] == "cus_A"
+    assert first["status"] == "active"
+    assert first["created"] == 1_700_000_005
+    assert first["items"]["object"] == "list"
+    item = first["items"]["data"][0]
+    assert (item["id"], item["price"]["id"], item["quantity"]) == ("si_5", "price_basic", 5)
+
+    ids: list[str] = []
+    cursor: dict[str, str] = {}
+    while True:
+        _, page = await list_subscriptions(client, customer="cus_A", limit="2", **cursor)
+        ids += [s["id"] for s in page["data"]]
+        if not page["has_more"]:
+            break
+        cursor = {"starting_after": page["data"][-1]["id"]}
+    assert ids == ["sub_5", "sub_4", "sub_3", "sub_2", "sub_1"]  # canceled hidden by default
+
+    _, page = await list_subscriptions(client, customer="cus_A", status="all")
+    assert [s["id"] for s in page["data"]][-1] == "sub_old"
+    _, page = await list_subscriptions(client, customer="cus_A", ending_before="sub_2", limit="2")
+    assert ([s["id"] for s in page["data"]], page["has_more"]) == (["sub_4", "sub_3"], True)
+    _, page = await list_subscriptions(client, price="price_pro")
+    assert [s["id"] for s in page["data"]] == ["sub_b"]
+    _, page = await list_subscriptions(client)
+    assert len(page["data"]) == 6  # default limit 10, canceled hidden
+
+
+async def test_subscription_seeds_replace_by_id_and_clear(client: Client) -> None:
+    await control(client, "POST", "subscriptions", {"subscriptions": SUBS[:2]})
+    replaced = {**SUBS[0], "status": "past_due"}
+    assert (await control(client, "POST", "subscriptions", {"subscriptions": [replaced]}))[
+        "total"
+    ] == 2
+    _, page = await list_subscriptions(client, status="past_due")
+    assert [s["id"] for s in page["data"]] == ["sub_1"]
+    await control(client, "DELETE", "subscriptions")
+    assert (await list_subscriptions(client))[1]["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "code", "param"),
+    [
+        ({"limit": "0"}, "parameter_invalid_integer", "limit"),
+        ({"limit": "101"}, "parameter_invalid_integer", "limit"),
+        ({"status": "alive"}, "parameter_invalid_string", "status"),
+        ({"customer": "cus_A", "colour": "red"}, "parameter_unknown", "colour"),
+        ({"customer": ""}, "parameter_invalid_empty", "customer"),
+        ({"starting_after": "sub_nope"}, "resource_missing", "starting_after"),
+        (
+            {"starting_after": "sub_1", "ending_before": "sub_2"},
+            "parameters_exclusive",
+            "ending_before",
+        ),
+    ],
+)
+async def test_subscription_list_rejections(
+    client: Client, params: dict[str, str], code: str, param: str
+) -> None:
+    await control(client, "POST", "subscriptions", {"subscriptions": SUBS[:2]})
+    status, body = await list_subscriptions(client, **params)
+    assert status == 400
+    assert (body["error"]["code"], body["error"]["param"]) == (code, param)
+
+
+async def test_subscription_list_needs_a_key(client: Client) -> None:
+    async with client.get("/v1/subscriptions") as resp:
+        assert resp.status == 401
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        {"id": "si_1", "customer": "cus_A"},
+        {"id": "sub_1", "customer": "acct_A"},
+        {"id": "sub_1", "customer": "cus_A", "status": "alive"},
+        {"id": "sub_1", "customer": "cus_A", "items": [{"id": "si_1", "price": "plan_1"}]},
+    ],
+)
+async def test_bad_seeds_are_refused(client: Client, seed: dict[str, Any]) -> None:
+    async with client.post("/_standin/subscriptions", json={"subscriptions": [seed]}) as resp:
+        assert resp.status == 400
+    assert state_of(client).subscriptions == {}
+
+
+# --------------------------------------------------------------------------- control API
+
+
+async def test_health_and_reset(client: Client) -> None:
+    assert await control(client, "GET", "health") == {"status": "ok"}
+    state = state_of(client)
+    await control(client, "POST", "faults", {"faults": [{"status": 500}]})
+    await control(client, "POST", "latency", {"ms": 5})
+    await control(client, "POST", "missing", {"ids": ["cus_x"]})
+    await control(client, "POST", "subscriptions", {"subscriptions": SUBS[:1]})
+    await post_session(client, list(BASE), {"Idempotency-Key": "k"})
+
+    assert await control(client, "POST", "reset") == {"reset": True}
+
+    assert (state.requests, list(state.faults), state.latency_ms) == ([], [], 0.0)
+    assert (state.missing_ids, state.subscriptions, state.idempotency) == (set(), {}, {})
+
+
+async def test_control_api_refuses_bad_json(client: Client) -> None:
+    async with client.post("/_standin/missing", data="not json") as resp:
+        assert resp.status == 400
+    async with client.post("/_standin/latency", json={"ms": "fast"}) as resp:
+        assert resp.status == 400
+
+
+def test_state_can_be_scripted_in_process() -> None:
+    state = StandinState()
+    assert state.queue_faults([{"status": 500, "repeat": 2}, {"reset": True}]) == 3
+    assert [f.kind for f in state.faults] == ["status", "status", "reset"]
+    with pytest.raises(ControlError):
+        state.declare_missing([""])
+    assert state.seed_subscriptions([{"id": "sub_1", "customer": "cus_1"}]) == 1
+    assert state.subscriptions["sub_1"]["status"] == "active"
+
+
+def test_create_app_validates_its_arguments() -> None:
+    with pytest.raises(ValueError, match="prefixes"):
+        create_app(api_key_prefixes=())
+    with pytest.raises(ValueError, match="latency"):
+        create_app(latency_ms=-1)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def test_decode_form_builds_nested_structures() -> None:
+    pairs = [
+        ("flow_data[items][1][id]", "si_2"),
+        ("flow_data[items][0][id]", "si_1"),
+        ("flow_data[items][0][quantity]", "3"),
+        ("expand[]", "a"),
+        ("expand[]", "b"),
+        ("customer", "cus_1"),
+    ]
+    assert decode_form(pairs) == {
+        "flow_data": {"items": [{"id": "si_1", "quantity": "3"}, {"id": "si_2"}]},
+        "expand": ["a", "b"],
+        "customer": "cus_1",
+    }
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [[("a", "1"), ("a[b]", "2")], [("a[b]", "2"), ("a", "1")], [("[a]", "1")], [("a]", "1")]],
+)
+def test_decode_form_refuses_malformed_names(pairs: Pairs) -> None:
+    with pytest.raises(StripeError) as caught:
+        decode_form(pairs)
+    assert caught.value.status == 400
+
+
+# --------------------------------------------------------------------------- command line
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_module_serves_and_stops_on_sigterm() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "stripe_standin",
+        "--port",
+        "0",
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=10)).decode()
+        assert line.startswith("stripe-standin listening on http://127.0.0.1:")
+        base = line.rsplit(" ", 1)[1].strip()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base}/_standin/health") as resp,
+        ):
+            assert resp.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+        assert process.stderr is not None
+        assert await process.stderr.read() == b""
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
