@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import structlog
 
 from service.db import queries
@@ -73,9 +74,10 @@ async def record(db: Database, metrics: Metrics, event: AuditEvent) -> None:
     fields["occurred_at"] = event.occurred_at.isoformat()
     try:
         await queries.insert_audit(db, event)
-    except DatabaseUnavailable:
+    except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+        # Whatever the reason, an unaudited decision is not handed out.
         metrics.audit_events.labels(outcome="write_failed").inc()
-        logger.error("audit_write_failed", **fields)
-        raise
+        logger.error("audit_write_failed", error=type(exc).__name__, **fields)
+        raise DatabaseUnavailable("The audit trail could not be written; retry later.") from exc
     metrics.audit_events.labels(outcome=event.outcome).inc()
     logger.info("audit", **fields)

@@ -105,7 +105,8 @@ async def open_portal_session(
     if flow is not None:
         params["flow_data"] = _flow_data(flow, row)
 
-    upstream_key = claim.upstream_key if claim is not None else str(uuid.uuid4())
+    # With a caller key, the stored upstream key (ours or an earlier request's).
+    upstream_key = row["idem_upstream_key"] if claim is not None else str(uuid.uuid4())
     try:
         session = await deps.stripe.create_portal_session(
             params, idempotency_key=upstream_key, deadline=deadline

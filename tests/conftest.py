@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from service import migrations
+from service import logs, migrations
 from service.app import create_app
 from service.auth import generate_client_token, hash_token
 from service.config import Settings
@@ -31,6 +33,29 @@ from stripe_standin import create_app as create_standin
 
 ALLOWED_ORIGIN = "https://app.example.com"
 STRIPE_TEST_KEY = "sk_test_portalgatewaytests0123456789"
+
+
+# What must never appear in any log line the suite produces.
+LEAK_PATTERNS = re.compile(
+    r"sk_test_portalgatewaytests|pgw_[A-Za-z0-9_-]{20,}|billing\.stripe\.com/p/session"
+    r"|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every log line of the whole suite, as the service writes them in production (JSON).
+
+    At the end of the run the file is scanned: no Stripe key, bearer token, JWT
+    or portal URL may appear in any of it.
+    """
+    path = tmp_path_factory.mktemp("logs") / "suite.jsonl"
+    with path.open("w", encoding="utf-8") as stream:
+        logs.configure("DEBUG", "json", stream=stream)
+        yield path
+        stream.flush()
+    leaks = [line for line in path.read_text().splitlines() if LEAK_PATTERNS.search(line)]
+    assert leaks == [], f"secrets in logs: {leaks[:3]}"
 
 
 def _admin_url() -> str:
