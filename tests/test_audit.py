@@ -17,7 +17,9 @@ async def _rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT * FROM audit_events ORDER BY id")
 
 
-async def test_created_session_is_audited(service: Any, token: str, conn: Any, standin: Standin) -> None:
+async def test_created_session_is_audited(
+    service: Any, token: str, conn: Any, standin: Standin
+) -> None:
     resp = await post_session(
         service,
         {"user_id": "u_42", "flow": {"type": "subscription_cancel"}},
@@ -41,7 +43,8 @@ async def test_created_session_is_audited(service: Any, token: str, conn: Any, s
     assert row["duration_ms"] > 0
     flat = " ".join(str(v) for v in row.values())
     assert body["url"] not in flat
-    assert token not in flat and STRIPE_TEST_KEY not in flat
+    assert token not in flat
+    assert STRIPE_TEST_KEY not in flat
 
 
 @pytest.mark.parametrize(
@@ -49,8 +52,16 @@ async def test_created_session_is_audited(service: Any, token: str, conn: Any, s
     [
         ({"user_id": "nobody"}, 404, "unknown_user"),
         ({"user_id": "u_42", "locale": "xx"}, 422, "validation_failed"),
-        ({"user_id": "u_two", "flow": {"type": "subscription_cancel"}}, 409, "subscription_ambiguous"),
-        ({"user_id": "u_42", "return_url": "https://evil.example.net/"}, 403, "return_url_not_allowed"),
+        (
+            {"user_id": "u_two", "flow": {"type": "subscription_cancel"}},
+            409,
+            "subscription_ambiguous",
+        ),
+        (
+            {"user_id": "u_42", "return_url": "https://evil.example.net/"},
+            403,
+            "return_url_not_allowed",
+        ),
     ],
 )
 async def test_refused_request_is_audited(
@@ -66,16 +77,24 @@ async def test_upstream_failure_is_audited_with_stripe_request_id(
     service: Any, token: str, conn: Any, standin: Standin
 ) -> None:
     standin.state.missing_ids.add("cus_42")
-    body = await problem(await post_session(service, {"user_id": "u_42"}, token), 502, "upstream_rejected")
+    body = await problem(
+        await post_session(service, {"user_id": "u_42"}, token), 502, "upstream_rejected"
+    )
     assert body["upstream"]["code"] == "resource_missing"
     (row,) = await _rows(conn)
-    assert (row["outcome"], row["http_status"], row["error_code"]) == ("failed", 502, "upstream_rejected")
+    assert (row["outcome"], row["http_status"], row["error_code"]) == (
+        "failed",
+        502,
+        "upstream_rejected",
+    )
     assert row["stripe_request_id"] == standin.requests()[0].request_id
     assert row["stripe_request_id"] == body["upstream"]["request_id"]
 
 
 async def test_unauthenticated_gets_no_row(service: Any, conn: Any) -> None:
-    await problem(await post_session(service, {"user_id": "u_42"}, "pgw_unknown"), 401, "unauthenticated")
+    await problem(
+        await post_session(service, {"user_id": "u_42"}, "pgw_unknown"), 401, "unauthenticated"
+    )
     assert await _rows(conn) == []
 
 
@@ -88,7 +107,9 @@ async def test_rows_are_append_only(service: Any, token: str, conn: Any) -> None
     assert len(await _rows(conn)) == 1
 
 
-async def test_no_url_without_audit_row(service: Any, token: str, conn: Any, standin: Standin) -> None:
+async def test_no_url_without_audit_row(
+    service: Any, token: str, conn: Any, standin: Standin
+) -> None:
     # Make the audit insert fail while everything else works.
     await conn.execute("REVOKE INSERT ON audit_events FROM PUBLIC")
     await conn.execute(

@@ -38,11 +38,23 @@ def _lines(buffer: io.StringIO) -> list[dict[str, Any]]:
 async def test_every_path_logs_json_without_secrets(
     service: Any, token: str, standin: Standin, conn: Any, captured: io.StringIO
 ) -> None:
-    ok = await created(await post_session(service, {"user_id": "u_42"}, token, {"X-Request-ID": "r-ok"}))
-    await problem(await post_session(service, {"user_id": "u_42"}, "pgw_" + "x" * 43), 401, "unauthenticated")
-    await problem(await post_session(service, {"user_id": "u_42"}, "eyJhbGciOi.eyJzdWIiOi.c2ln"), 401, "unauthenticated")
+    ok = await created(
+        await post_session(service, {"user_id": "u_42"}, token, {"X-Request-ID": "r-ok"})
+    )
+    await problem(
+        await post_session(service, {"user_id": "u_42"}, "pgw_" + "x" * 43), 401, "unauthenticated"
+    )
+    await problem(
+        await post_session(service, {"user_id": "u_42"}, "eyJhbGciOi.eyJzdWIiOi.c2ln"),
+        401,
+        "unauthenticated",
+    )
     await problem(await post_session(service, {"user_id": "nobody"}, token), 404, "unknown_user")
-    await problem(await post_session(service, {"user_id": "u_42", "locale": "x"}, token), 422, "validation_failed")
+    await problem(
+        await post_session(service, {"user_id": "u_42", "locale": "x"}, token),
+        422,
+        "validation_failed",
+    )
     standin.state.missing_ids.add("cus_42")
     await problem(await post_session(service, {"user_id": "u_42"}, token), 502, "upstream_rejected")
     # An unexpected failure: a table vanishes under the running service.
@@ -51,19 +63,21 @@ async def test_every_path_logs_json_without_secrets(
 
     text = captured.getvalue()
     assert LEAK_PATTERNS.search(text) is None, text
-    assert ok["url"] not in text and token not in text and STRIPE_TEST_KEY not in text
+    for secret in (ok["url"], token, STRIPE_TEST_KEY):
+        assert secret not in text
     lines = _lines(captured)  # every line parses as JSON
     access = [line for line in lines if line.get("logger") == "access"]
     assert [a["status"] for a in access] == [201, 401, 401, 404, 422, 502, 500]
     first = access[0]
     assert first["request_id"] == "r-ok"
     assert first["route"] == "/v1/portal-sessions"
-    assert first["principal_type"] == "client" and first["user_id"] == "u_42"
+    assert (first["principal_type"], first["user_id"]) == ("client", "u_42")
     assert first["upstream_request_id"].startswith("req_")
     audit = [line for line in lines if line.get("logger") == "audit"]
     assert {a["outcome"] for a in audit} >= {"created", "refused", "failed", "unauthenticated"}
     crash = next(line for line in lines if line.get("event") == "unhandled_exception")
-    assert crash["level"] == "error" and crash["exception"]  # structured stack, logged once
+    assert crash["level"] == "error"
+    assert crash["exception"]  # a structured stack
 
 
 def test_redact_masks_what_slips_through() -> None:

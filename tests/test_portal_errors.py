@@ -64,7 +64,9 @@ async def test_not_found(service: Any, token: str, req: dict[str, Any], code: st
 
 async def test_ambiguous_lists_candidates(service: Any, token: str) -> None:
     body = await problem(
-        await post_session(service, {"user_id": "u_two", "flow": {"type": "subscription_update"}}, token),
+        await post_session(
+            service, {"user_id": "u_two", "flow": {"type": "subscription_update"}}, token
+        ),
         409,
         "subscription_ambiguous",
     )
@@ -219,14 +221,19 @@ async def test_unknown_token_is_401_without_detail(service: Any) -> None:
 
 async def test_insufficient_scope(service: Any, conn: Any) -> None:
     other = await create_client_token(conn, "reporting", scopes=("reports:read",))
-    await problem(await post_session(service, {"user_id": "u_42"}, other), 403, "insufficient_scope")
+    await problem(
+        await post_session(service, {"user_id": "u_42"}, other), 403, "insufficient_scope"
+    )
 
 
 async def test_wrong_media_type(service: Any, token: str) -> None:
     resp = await service.post(
         PATH,
         data="user_id=u_42",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"},
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
     )
     await problem(resp, 415, "unsupported_media_type")
 
@@ -266,11 +273,15 @@ async def test_deeply_nested_json_refused_cleanly(service: Any, token: str) -> N
     [{"X-Request-ID": "bad id with spaces"}, {"X-Request-ID": "x" * 129}, {"Idempotency-Key": "é"}],
 )
 async def test_invalid_headers(service: Any, token: str, headers: dict[str, str]) -> None:
-    await problem(await post_session(service, {"user_id": "u_42"}, token, headers), 400, "invalid_header")
+    await problem(
+        await post_session(service, {"user_id": "u_42"}, token, headers), 400, "invalid_header"
+    )
 
 
 async def test_request_id_is_echoed_or_generated(service: Any, token: str) -> None:
-    resp = await post_session(service, {"user_id": "nobody"}, token, {"X-Request-ID": "abc-123:x.y"})
+    resp = await post_session(
+        service, {"user_id": "nobody"}, token, {"X-Request-ID": "abc-123:x.y"}
+    )
     body = await problem(resp, 404, "unknown_user")
     assert body["request_id"] == "abc-123:x.y"
     resp = await service.get("/nope")
