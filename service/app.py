@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import aiohttp_apigami
+import aiohttp_cors
 from aiohttp import web
 from aiohttp_apigami.constants import APISPEC_PARSER
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from service import keys
-from service.auth import Authenticator, JwtKeys
+from service.auth import Authenticator
 from service.config import Settings
 from service.db import queries
 from service.db.pool import Database
-from service.handlers import health, portal_sessions
+from service.handlers import health, openapi, portal_sessions
+from service.jwt_keys import JwtKeys
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middlewares import (
@@ -68,9 +71,29 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.router.add_get("/healthz", health.healthz, allow_head=False)
     app.router.add_get("/readyz", health.readyz, allow_head=False)
     app.router.add_get("/metrics", health.metrics, allow_head=False)
-    app.router.add_post("/v1/portal-sessions", portal_sessions.create_portal_session)
+    sessions = app.router.add_post("/v1/portal-sessions", portal_sessions.create_portal_session)
+    _setup_cors(app, settings.cors_allowed_origins, [sessions])
     _setup_openapi(app)
     return app
+
+
+def _setup_cors(
+    app: web.Application, origins: tuple[str, ...], routes: list[web.AbstractRoute]
+) -> None:
+    """Browser access for CORS_ALLOWED_ORIGINS only; nothing at all when it is empty."""
+    if not origins:
+        return
+    # Bearer tokens, not cookies: credentials mode stays off.
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False,
+        allow_headers=("Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"),
+        expose_headers=("X-Request-ID", "Retry-After"),
+        allow_methods=("POST",),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(origins, options))
+    for route in routes:
+        cors.add(route)
 
 
 def _setup_openapi(app: web.Application) -> None:
@@ -91,6 +114,7 @@ def _setup_openapi(app: web.Application) -> None:
             "description": "A service-client token (pgw_…) or an end user's JWT.",
         },
     )
+    openapi.register_components(apispec.spec)
     # Our parser validates the body the JSON guard already read and limited.
     app[APISPEC_PARSER] = BodyParser()
 
@@ -124,12 +148,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    try:
-        jwt_keys = JwtKeys(settings) if settings.jwt_enabled else None
-    except ValueError as exc:
-        raise StartupError(f"JWT_PUBLIC_KEY_FILE: {exc}") from None
     session = StripeClient.new_session(settings)
     try:
+        try:
+            jwt_keys = JwtKeys(settings, session) if settings.jwt_enabled else None
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise StartupError(f"JWT_PUBLIC_KEY_FILE: not a usable public key ({exc})") from None
         app[keys.HTTP_SESSION] = session
         stripe = StripeClient(session, settings, app[keys.METRICS])
         app[keys.STRIPE] = stripe

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 
 from service.config import Settings
 from service.db import queries
 from service.db.pool import Database
 from service.errors import Unauthenticated
+from service.jwt_keys import JwtKeys
 
 CLIENT_TOKEN_PREFIX = "pgw_"  # noqa: S105 - a public prefix, not a secret
 SCOPE_CREATE_SESSIONS = "portal_sessions:create"
@@ -108,6 +108,10 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("jwt_expired") from None
+        except (jwt.InvalidIssuerError, jwt.InvalidAudienceError):
+            raise Unauthenticated("jwt_claims") from None
+        except jwt.PyJWKClientError:
+            raise Unauthenticated("jwt_unknown_key") from None
         except jwt.PyJWTError:
             raise Unauthenticated("jwt_invalid") from None
         sub = claims.get("sub")
@@ -116,28 +120,3 @@ class Authenticator:
         return Principal(
             "user", sub, frozenset({SCOPE_CREATE_SESSIONS}), s.end_user_rate_limit_per_minute
         )
-
-
-class JwtKeys:
-    """Verification keys for end-user tokens from a PEM file or an HMAC secret."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._public_key: Any = None
-        self._hmac_secret: str | None = None
-        if settings.jwt_public_key_file is not None:
-            pem = settings.jwt_public_key_file.read_bytes()
-            # A parsed key object, never the PEM text: PyJWT would accept PEM
-            # bytes as an HMAC secret, the classic algorithm-confusion attack.
-            self._public_key = serialization.load_pem_public_key(pem)
-        if settings.jwt_hs256_secret is not None:
-            self._hmac_secret = settings.jwt_hs256_secret.reveal()
-
-    async def key_for(self, alg: str, kid: object) -> Any:
-        """The key for this algorithm; an RSA/EC key is never offered to an HMAC algorithm."""
-        if alg.startswith("HS"):
-            if self._hmac_secret is None:
-                raise jwt.InvalidAlgorithmError("no HMAC secret configured")
-            return self._hmac_secret
-        if self._public_key is None:
-            raise jwt.InvalidAlgorithmError("no public key configured")
-        return self._public_key

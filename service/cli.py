@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import asyncpg
 from aiohttp import web
 
 from service import logs
@@ -20,7 +21,7 @@ from service.app import StartupError, create_app
 from service.auth import SCOPE_CREATE_SESSIONS, generate_client_token, hash_token
 from service.config import ConfigError, Settings
 from service.db import admin
-from service.db.pool import Database
+from service.db.pool import UNAVAILABLE_ERRORS, Database
 from service.errors import DatabaseUnavailable
 
 T = TypeVar("T")
@@ -74,9 +75,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
     url = settings.database_url.reveal()
-    _run(lambda: admin.ensure_database(url))
+    _run(lambda: _ensure_database(url))
     migrations.upgrade(url, args.revision)
     return 0
+
+
+async def _ensure_database(url: str) -> None:
+    try:
+        await admin.ensure_database(url)
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another replica's `migrate` created it between our check and our CREATE
+        # (Postgres reports that race as a unique violation on pg_database).
+        pass
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {type(exc).__name__}") from exc
 
 
 def cmd_clients(args: argparse.Namespace) -> int:
@@ -196,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatabaseUnavailable as exc:
         print(f"error: DATABASE_URL: {exc.detail}", file=sys.stderr)
         return 1
+    except (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        # The server refused the database or the role named in DATABASE_URL: a
+        # configuration error. Its message names them, never the password.
+        print(f"configuration error: DATABASE_URL: {exc}", file=sys.stderr)
+        return 2
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

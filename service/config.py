@@ -8,6 +8,7 @@ Nothing else in the service reads ``os.environ``. Every secret can come from
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -84,6 +85,7 @@ class Settings:
     jwt_audience: str | None = None
     jwt_algorithms: tuple[str, ...] = ("RS256",)
     jwt_jwks_url: str | None = None
+    jwt_jwks_min_refresh_seconds: float = 30.0
     jwt_public_key_file: Path | None = None
     jwt_hs256_secret: Secret | None = None
     end_user_rate_limit_per_minute: int = 60
@@ -143,7 +145,7 @@ class Settings:
         public_key_file = r.parse("JWT_PUBLIC_KEY_FILE", _readable_path, None)
         settings = cls(
             stripe_api_key=api_key,
-            database_url=r.secret("DATABASE_URL") or Secret(DEFAULT_DATABASE_URL),
+            database_url=_database_url(r.secret("DATABASE_URL")),
             host=r.parse("HOST", _nonempty, "0.0.0.0"),  # noqa: S104
             port=r.parse("PORT", _int_in(1, 65535), 8080),
             stripe_api_base=r.parse("STRIPE_API_BASE", _http_base_url, "https://api.stripe.com"),
@@ -164,13 +166,16 @@ class Settings:
             stripe_webhook_secrets=tuple(
                 Secret(s) for s in _csv((r.secret("STRIPE_WEBHOOK_SECRETS") or Secret("")).reveal())
             ),
-            return_url_allowlist=r.parse("RETURN_URL_ALLOWLIST", _origins, ()),
+            return_url_allowlist=r.parse("RETURN_URL_ALLOWLIST", _return_url_origins, ()),
             default_return_url=r.parse("DEFAULT_RETURN_URL", _absolute_url, None),
             allow_http_localhost=r.parse("ALLOW_HTTP_LOCALHOST", _bool, False),
             jwt_issuer=r.parse("JWT_ISSUER", _nonempty, None),
             jwt_audience=r.parse("JWT_AUDIENCE", _nonempty, None),
             jwt_algorithms=algorithms,
             jwt_jwks_url=r.parse("JWT_JWKS_URL", _http_base_url, None),
+            jwt_jwks_min_refresh_seconds=r.parse(
+                "JWT_JWKS_MIN_REFRESH_SECONDS", _float_in(0, 3600), 30.0
+            ),
             jwt_public_key_file=public_key_file,
             jwt_hs256_secret=hs_secret,
             end_user_rate_limit_per_minute=r.parse(
@@ -308,23 +313,59 @@ def _absolute_url(raw: str) -> str:
     return raw
 
 
+def _database_url(url: Secret | None) -> Secret:
+    # asyncpg takes only URLs; anything else would fail later, as a connection
+    # error (exit 1) instead of a configuration error. The value may hold a
+    # password, so the message never repeats it.
+    if url is None:
+        return Secret(DEFAULT_DATABASE_URL)
+    scheme, sep, rest = url.reveal().partition("://")
+    if not sep or scheme.lower() not in ("postgres", "postgresql") or not rest:
+        raise ConfigError("DATABASE_URL", "must be a postgresql://user@host:port/database URL")
+    return url
+
+
+# A plain DNS name (a trailing dot is another origin to a browser, so it is kept).
+_DNS_NAME = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)\.?")
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     origins = []
     for item in _csv(raw):
+        problem = f"must be comma-separated origins like https://app.example.com, got {item!r}"
         parts = urlsplit(item)
         if (
-            parts.scheme not in ("http", "https")
+            parts.scheme.lower() not in ("http", "https")
             or not parts.hostname
             or parts.path not in ("", "/")
             or parts.query
             or parts.fragment
-            or parts.username is not None
+            or "@" in parts.netloc
         ):
-            raise ValueError(
-                f"must be comma-separated origins like https://app.example.com, got {item!r}"
-            )
-        origins.append(normalise_origin(parts.scheme, parts.hostname, parts.port))
+            raise ValueError(problem)
+        host = parts.hostname
+        if ":" in host:  # an IPv6 literal: keep the brackets an Origin header has
+            try:
+                host = f"[{ipaddress.IPv6Address(host).compressed}]"
+            except ValueError:
+                raise ValueError(problem) from None
+        elif not _DNS_NAME.fullmatch(host):
+            # Wildcards, spaces and non-ASCII names could never match a request's origin.
+            raise ValueError(problem)
+        origins.append(normalise_origin(parts.scheme, host, parts.port))
     return tuple(origins)
+
+
+def _return_url_origins(raw: str) -> tuple[str, ...]:
+    origins = _origins(raw)
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme == "http" and (parts.hostname or "") not in _LOCAL_HOSTS:
+            # Return URLs must be https (plain http only for localhost), so this
+            # entry could never match: refuse it rather than ignore it silently.
+            raise ValueError(f"plain http is only allowed for localhost, got {origin!r}")
+    return origins
 
 
 def normalise_origin(scheme: str, host: str, port: int | None) -> str:

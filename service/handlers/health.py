@@ -6,12 +6,13 @@ import asyncio
 
 import orjson
 from aiohttp import web
-from aiohttp_apigami import docs, response_schema
+from aiohttp_apigami import response_schema
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import keys
 from service.db import queries
 from service.errors import ServiceError
+from service.handlers.openapi import docs
 from service.schemas import HealthSchema
 
 

@@ -7,15 +7,16 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp_apigami import docs, request_schema, response_schema
+from aiohttp_apigami import request_schema, response_schema
 
 from service import keys
 from service.audit import ACTION_CREATE_SESSION
 from service.auth import SCOPE_CREATE_SESSIONS
 from service.errors import BadRequest
+from service.handlers.openapi import docs, problem_response
 from service.middlewares import log_fields, protected
 from service.portal import deadline_from_now, open_portal_session
-from service.schemas import PortalSessionRequestSchema, PortalSessionSchema, ProblemSchema
+from service.schemas import PortalSessionRequestSchema, PortalSessionSchema
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
@@ -40,7 +41,7 @@ ERROR_RESPONSES = {
 
 def _error_responses() -> dict[int, dict[str, Any]]:
     return {
-        status: {"description": codes, "schema": ProblemSchema}
+        status: problem_response(codes, retry_after=status in (429, 503))
         for status, codes in ERROR_RESPONSES.items()
     }
 
@@ -71,7 +72,7 @@ def _error_responses() -> dict[int, dict[str, Any]]:
     security=[{"bearerAuth": []}],
     responses=_error_responses(),
 )
-@request_schema(PortalSessionRequestSchema)
+@request_schema(PortalSessionRequestSchema, required=True)
 @response_schema(PortalSessionSchema, 201, description="The session was opened.")
 @protected(SCOPE_CREATE_SESSIONS, ACTION_CREATE_SESSION)
 async def create_portal_session(request: web.Request) -> web.Response:

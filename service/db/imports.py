@@ -1,0 +1,364 @@
+"""The SQL of ``portal-gateway import``: existence checks and batched upserts.
+
+Everything runs on the one connection of :func:`transaction`, so an import is
+all-or-nothing. Rows are sent as parallel arrays and expanded with ``unnest``
+in batches of :data:`BATCH_SIZE`: one round trip per batch instead of one per
+row, and one statement per batch stays well inside the command timeout.
+
+A constraint the database still enforces after validation (a race with the
+service, or an id swap between two users) surfaces as :class:`Refused`, which
+carries the constraint name and the offending key so the importer can name
+the line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+
+from service.db.pool import Database
+
+BATCH_SIZE = 5000
+T = TypeVar("T")
+# What ``Database.connection()`` yields: every function here runs on it.
+Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+
+# --- rows ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRow:
+    user_id: str
+    stripe_customer_id: str | None
+    stripe_account_id: str | None
+    portal: str | None
+    locale: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRow:
+    user_id: str
+    stripe_subscription_id: str
+    external_ref: str | None
+    status: str
+    item_id: str | None
+    price_id: str | None
+    quantity: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRow:
+    plan: str
+    stripe_price_id: str
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRow:
+    name: str
+    configuration_id: str | None
+    on_behalf_of: str | None
+    default_return_url: str | None
+    is_default: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OfferRow:
+    name: str
+    kind: str
+    stripe_id: str
+
+
+# --- the transaction -------------------------------------------------------
+
+# "Key (user_id, external_ref)=(u_1, team) already exists." and
+# 'Key (portal)=(gold) is not present in table "portal_profiles".'
+_KEY_DETAIL = re.compile(
+    r"Key \((?P<columns>[^)]*)\)=\((?P<values>.*)\) (?:already exists|is not present)"
+)
+
+
+class Refused(Exception):
+    """The database refused a write the validation let through."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        constraint: str | None,
+        columns: tuple[str, ...] = (),
+        key: str | None = None,
+        unique: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.constraint = constraint
+        # The columns and the key exactly as Postgres formats them ("a, b"),
+        # which is also how the importer indexes its lines.
+        self.columns = columns
+        self.key = key
+        self.unique = unique
+
+    @classmethod
+    def from_error(cls, exc: asyncpg.PostgresError) -> Refused:
+        columns: tuple[str, ...] = ()
+        key = None
+        match = _KEY_DETAIL.match(exc.detail or "")
+        if match is not None:
+            columns = tuple(c.strip() for c in match["columns"].split(","))
+            key = match["values"]
+        return cls(
+            str(exc),
+            constraint=exc.constraint_name,
+            columns=columns,
+            key=key,
+            unique=isinstance(exc, asyncpg.UniqueViolationError),
+        )
+
+
+@asynccontextmanager
+async def transaction(db: Database) -> AsyncIterator[Connection]:
+    """One connection in one transaction; constraint violations become :class:`Refused`."""
+    async with db.connection() as conn:
+        try:
+            async with conn.transaction():
+                yield conn
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+            # The transaction has rolled back by now: nothing was imported.
+            raise Refused.from_error(exc) from exc
+
+
+def _batches(rows: Sequence[T]) -> list[Sequence[T]]:
+    return [rows[i : i + BATCH_SIZE] for i in range(0, len(rows), BATCH_SIZE)]
+
+
+async def _execute_batches(
+    conn: Connection,
+    sql: str,
+    rows: Sequence[T],
+    columns: Callable[[Sequence[T]], list[list[Any]]],
+) -> int:
+    written = 0
+    for batch in _batches(rows):
+        status = await conn.execute(sql, *columns(batch))
+        written += int(status.split()[-1])
+    return written
+
+
+# --- cross-table checks ----------------------------------------------------
+
+MISSING_PROFILES = """
+SELECT name FROM unnest($1::text[]) AS wanted(name)
+WHERE NOT EXISTS (SELECT 1 FROM portal_profiles p WHERE p.name = wanted.name)
+"""
+
+
+async def missing_profiles(conn: Connection, names: Collection[str]) -> set[str]:
+    """Those of ``names`` that are not portal profiles."""
+    rows = await conn.fetch(MISSING_PROFILES, list(names))
+    return {r["name"] for r in rows}
+
+
+MISSING_CUSTOMERS = """
+SELECT user_id FROM unnest($1::text[]) AS wanted(user_id)
+WHERE NOT EXISTS (SELECT 1 FROM customers c WHERE c.user_id = wanted.user_id)
+"""
+
+
+async def missing_customers(conn: Connection, user_ids: Collection[str]) -> set[str]:
+    """Those of ``user_ids`` that have no customer mapping."""
+    rows = await conn.fetch(MISSING_CUSTOMERS, list(user_ids))
+    return {r["user_id"] for r in rows}
+
+
+STRIPE_ID_OWNERS = """
+SELECT c.user_id, c.stripe_customer_id AS stripe_id
+FROM customers c JOIN unnest($1::text[]) AS f(id) ON c.stripe_customer_id = f.id
+UNION ALL
+SELECT c.user_id, c.stripe_account_id
+FROM customers c JOIN unnest($2::text[]) AS f(id) ON c.stripe_account_id = f.id
+"""
+
+
+async def stripe_id_owners(
+    conn: Connection, customer_ids: Collection[str], account_ids: Collection[str]
+) -> dict[str, str]:
+    """Stripe id → the user it is mapped to now, for those ids already mapped."""
+    rows = await conn.fetch(STRIPE_ID_OWNERS, list(customer_ids), list(account_ids))
+    return {r["stripe_id"]: r["user_id"] for r in rows}
+
+
+EXTERNAL_REF_OWNERS = """
+SELECT s.user_id, s.external_ref, s.stripe_subscription_id
+FROM subscriptions s
+JOIN unnest($1::text[], $2::text[]) AS f(user_id, external_ref)
+    ON s.user_id = f.user_id AND s.external_ref = f.external_ref
+"""
+
+
+async def external_ref_owners(
+    conn: Connection, pairs: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], str]:
+    """(user_id, external_ref) → the subscription holding it now, for those taken."""
+    rows = await conn.fetch(EXTERNAL_REF_OWNERS, [p[0] for p in pairs], [p[1] for p in pairs])
+    return {(r["user_id"], r["external_ref"]): r["stripe_subscription_id"] for r in rows}
+
+
+# --- upserts ---------------------------------------------------------------
+
+# A re-imported mapping that changes the Stripe id clears the stale mark (the
+# new id has not been refused by Stripe); an unchanged id keeps it.
+UPSERT_CUSTOMERS = """
+INSERT INTO customers AS c (user_id, stripe_customer_id, stripe_account_id, portal, locale)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+ON CONFLICT (user_id) DO UPDATE SET
+    stripe_customer_id = EXCLUDED.stripe_customer_id,
+    stripe_account_id = EXCLUDED.stripe_account_id,
+    portal = EXCLUDED.portal,
+    locale = EXCLUDED.locale,
+    stale_at = CASE
+        WHEN c.stripe_customer_id IS NOT DISTINCT FROM EXCLUDED.stripe_customer_id
+         AND c.stripe_account_id IS NOT DISTINCT FROM EXCLUDED.stripe_account_id
+        THEN c.stale_at END,
+    updated_at = now()
+"""
+
+
+async def upsert_customers(conn: Connection, rows: Sequence[CustomerRow]) -> int:
+    """Insert or update customer mappings by user_id; returns rows written."""
+    return await _execute_batches(
+        conn,
+        UPSERT_CUSTOMERS,
+        rows,
+        lambda b: [
+            [r.user_id for r in b],
+            [r.stripe_customer_id for r in b],
+            [r.stripe_account_id for r in b],
+            [r.portal for r in b],
+            [r.locale for r in b],
+        ],
+    )
+
+
+# last_event_at is left alone: it orders webhook events, which an import is not.
+# stale_at too: it marks this very subscription id as refused by Stripe.
+UPSERT_SUBSCRIPTIONS = """
+INSERT INTO subscriptions
+    (stripe_subscription_id, user_id, external_ref, status, item_id, price_id, quantity)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[])
+ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+    user_id = EXCLUDED.user_id,
+    external_ref = EXCLUDED.external_ref,
+    status = EXCLUDED.status,
+    item_id = EXCLUDED.item_id,
+    price_id = EXCLUDED.price_id,
+    quantity = EXCLUDED.quantity,
+    updated_at = now()
+"""
+
+
+async def upsert_subscriptions(conn: Connection, rows: Sequence[SubscriptionRow]) -> int:
+    """Insert or update subscriptions by stripe_subscription_id; returns rows written."""
+    return await _execute_batches(
+        conn,
+        UPSERT_SUBSCRIPTIONS,
+        rows,
+        lambda b: [
+            [r.stripe_subscription_id for r in b],
+            [r.user_id for r in b],
+            [r.external_ref for r in b],
+            [r.status for r in b],
+            [r.item_id for r in b],
+            [r.price_id for r in b],
+            [r.quantity for r in b],
+        ],
+    )
+
+
+UPSERT_PLANS = """
+INSERT INTO plans (plan, stripe_price_id, active)
+SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[])
+ON CONFLICT (plan) DO UPDATE SET
+    stripe_price_id = EXCLUDED.stripe_price_id,
+    active = EXCLUDED.active
+"""
+
+
+async def upsert_plans(conn: Connection, rows: Sequence[PlanRow]) -> int:
+    """Insert or update plans by name; returns rows written."""
+    return await _execute_batches(
+        conn,
+        UPSERT_PLANS,
+        rows,
+        lambda b: [
+            [r.plan for r in b],
+            [r.stripe_price_id for r in b],
+            [r.active for r in b],
+        ],
+    )
+
+
+# The partial unique index allows one default: the old one steps down first.
+CLEAR_OTHER_DEFAULTS = """
+UPDATE portal_profiles SET is_default = false WHERE is_default AND name <> $1
+"""
+UPSERT_PROFILES = """
+INSERT INTO portal_profiles
+    (name, configuration_id, on_behalf_of, default_return_url, is_default)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[])
+ON CONFLICT (name) DO UPDATE SET
+    configuration_id = EXCLUDED.configuration_id,
+    on_behalf_of = EXCLUDED.on_behalf_of,
+    default_return_url = EXCLUDED.default_return_url,
+    is_default = EXCLUDED.is_default
+"""
+
+
+async def upsert_profiles(conn: Connection, rows: Sequence[ProfileRow]) -> int:
+    """Insert or update portal profiles by name; a new default replaces the old one."""
+    defaults = [r.name for r in rows if r.is_default]
+    if len(defaults) > 1:
+        raise ValueError("at most one default profile")  # the importer checks this first
+    if defaults:
+        await conn.execute(CLEAR_OTHER_DEFAULTS, defaults[0])
+    return await _execute_batches(
+        conn,
+        UPSERT_PROFILES,
+        rows,
+        lambda b: [
+            [r.name for r in b],
+            [r.configuration_id for r in b],
+            [r.on_behalf_of for r in b],
+            [r.default_return_url for r in b],
+            [r.is_default for r in b],
+        ],
+    )
+
+
+UPSERT_OFFERS = """
+INSERT INTO offers (name, kind, stripe_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT (name) DO UPDATE SET
+    kind = EXCLUDED.kind,
+    stripe_id = EXCLUDED.stripe_id
+"""
+
+
+async def upsert_offers(conn: Connection, rows: Sequence[OfferRow]) -> int:
+    """Insert or update offers by name; returns rows written."""
+    return await _execute_batches(
+        conn,
+        UPSERT_OFFERS,
+        rows,
+        lambda b: [
+            [r.name for r in b],
+            [r.kind for r in b],
+            [r.stripe_id for r in b],
+        ],
+    )
