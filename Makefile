@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint migrate venv clean pg-stop
+.PHONY: run test lint migrate venv clean pg-stop check-dashboards
 
 # (Re)create the virtualenv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -29,6 +29,11 @@ run: venv
 test: venv
 	PG_ADMIN_URL="$$(scripts/postgres.sh url)" $(BIN)/pytest
 
+# The Grafana dashboard and alert rules against a real Prometheus (installed
+# with apt when missing); also part of `make test`.
+check-dashboards: venv
+	PG_ADMIN_URL="$$(scripts/postgres.sh url)" $(BIN)/pytest tests/test_dashboards.py
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -42,3 +47,26 @@ pg-stop:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# The benchmark of SPEC §10 (bench/run.py; README "Performance"): service vs a
+# bare aiohttp floor, on loopback, < 10 minutes. BENCH_ARGS passes options,
+# e.g. `make bench BENCH_ARGS="--users 1000000"` or "--reps 5".
+# wrk (and strace) come from apt via scripts/wrk.sh; py-spy from PyPI into its
+# own venv, bench/.venv, so the project's dependencies stay as they are.
+.PHONY: bench bench-instr
+BENCH_VENV := bench/.venv
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+
+$(BENCH_STAMP):
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet 'py-spy>=0.4,<0.5'
+	@touch $(BENCH_STAMP)
+
+bench: venv $(BENCH_STAMP)
+	@eval "$$(scripts/wrk.sh)" && \
+	$(BIN)/python bench/run.py --wrk "$$WRK" --strace "$$STRACE" \
+		--py-spy $(BENCH_VENV)/bin/py-spy $(BENCH_ARGS)
+
+# Instructions per request under valgrind's callgrind, service vs floor.
+bench-instr: venv
+	@eval "$$(scripts/wrk.sh --valgrind)" && $(BIN)/python bench/instr.py $(BENCH_INSTR_ARGS)

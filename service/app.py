@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp_apigami
@@ -15,7 +17,8 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.db import queries
 from service.db.pool import Database
-from service.handlers import health, openapi, portal_sessions
+from service.errors import DatabaseUnavailable
+from service.handlers import health, openapi, portal_sessions, webhooks
 from service.jwt_keys import JwtKeys
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
@@ -66,6 +69,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.RATE_LIMITER] = RateLimiter()
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_housekeeping)
     app.on_shutdown.append(_start_draining)
 
     app.router.add_get("/healthz", health.healthz, allow_head=False)
@@ -73,6 +77,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.router.add_get("/metrics", health.metrics, allow_head=False)
     sessions = app.router.add_post("/v1/portal-sessions", portal_sessions.create_portal_session)
     _setup_cors(app, settings.cors_allowed_origins, [sessions])
+    # Stripe calls this one: signature-verified, no bearer auth, no CORS.
+    app.router.add_post("/v1/stripe/webhooks", webhooks.receive_stripe_event)
     _setup_openapi(app)
     return app
 
@@ -162,6 +168,29 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await session.close()
+
+
+IDEMPOTENCY_PURGE_INTERVAL = 600.0
+
+
+async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
+    """Purge idempotency keys long past their TTL, so the table stays small."""
+    db = app[keys.DB]
+
+    async def purge_forever() -> None:
+        while True:
+            # During an outage the next round tries again; readiness reports it.
+            with contextlib.suppress(DatabaseUnavailable):
+                await queries.purge_expired_idempotency_keys(db)
+            await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL)
+
+    task = asyncio.create_task(purge_forever(), name="purge-idempotency-keys")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _start_draining(app: web.Application) -> None:

@@ -1,4 +1,4 @@
-"""``portal-gateway``: serve, migrate, clients, import, demo.
+"""``portal-gateway``: serve, migrate, clients, import, resync, demo.
 
 Exit codes: 0 success, 1 an operation failed (bad CSV, unknown client, database
 down), 2 bad configuration or usage. Errors are one line on stderr.
@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
+import structlog
 from aiohttp import web
 
-from service import logs
+from service import keys, logs
 from service.app import StartupError, create_app
 from service.auth import SCOPE_CREATE_SESSIONS, generate_client_token, hash_token
 from service.config import ConfigError, Settings
@@ -56,17 +58,54 @@ async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]])
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(serving=True)
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,  # our canonical access line replaces aiohttp's
-        print=None,
-        handle_signals=True,
-    )
+    asyncio.run(_serve(create_app(settings), settings))
     return 0
+
+
+# After the drain, what is still in flight (a probe, a late 503 draining) gets this
+# long before aiohttp cancels it.
+_FINAL_GRACE_SECONDS = 1.0
+
+
+async def _serve(app: web.Application, settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully.
+
+    Not ``web.run_app``: it stops listening before anything else, so readiness
+    could never answer 503. Here, on the signal: draining starts (``/readyz``
+    503, new work 503 ``draining``) while requests in flight finish, bounded by
+    SHUTDOWN_TIMEOUT; then the listener closes (new connections are refused),
+    and the cleanup contexts close the Stripe session and the database pool.
+    """
+    log = structlog.get_logger("app")
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # our canonical access line replaces aiohttp's
+        handle_signals=False,
+        shutdown_timeout=min(_FINAL_GRACE_SECONDS, settings.shutdown_timeout),
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("serving", host=settings.host, port=settings.port)
+        await stop.wait()
+        lifecycle = app[keys.LIFECYCLE]
+        lifecycle.draining = True
+        log.info("draining", in_flight=lifecycle.in_flight, timeout=settings.shutdown_timeout)
+        try:
+            async with asyncio.timeout(settings.shutdown_timeout):
+                await lifecycle.wait_idle()
+        except TimeoutError:
+            log.warning("drain_timeout", in_flight=lifecycle.in_flight)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("stopped")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -138,6 +177,26 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resync(args: argparse.Namespace) -> int:
+    from service import resync
+
+    settings = _settings(serving=True)  # it calls Stripe: STRIPE_API_KEY is required
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    try:
+        summary = _run(lambda: resync.run(settings, args.user, report))
+    except resync.ResyncFailed as exc:
+        raise CliError(str(exc)) from None
+    if args.user is None:
+        counts = f"{summary.resynced} resynced, {summary.skipped} skipped (no cus_ id)"
+        if summary.failed:
+            raise CliError(f"resync failed for {summary.failed} users ({counts})")
+        print(f"resync: {counts}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service import demo
 
@@ -185,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("kind", choices=["customers", "subscriptions", "plans", "profiles", "offers"])
     imp.add_argument("file")
     imp.set_defaults(func=cmd_import)
+
+    resync = sub.add_parser(
+        "resync", help="rewrite subscription mappings from Stripe (after a webhook outage)"
+    )
+    who = resync.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="ID", help="one user")
+    who.add_argument("--all", action="store_true", help="every user with a customer mapping")
+    resync.set_defaults(func=cmd_resync)
 
     demo = sub.add_parser("demo", help="migrate, seed demo data, run the stand-in and the service")
     demo.add_argument("--port", type=int, default=None, help="service port (default PORT or 8080)")

@@ -66,7 +66,13 @@ def configure(level: str = "INFO", fmt: str = "json", stream: IO[str] | None = N
         exc: list[Processor] = []
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
-        exc = [structlog.processors.dict_tracebacks]
+        # Exceptions as structured fields (type, value, frames), without the
+        # frames' local variables: those can hold tokens, keys or portal URLs.
+        exc = [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
 
     structlog.configure(
         processors=[

@@ -2,6 +2,12 @@
 
 A registry per app (not the global default) keeps tests that build many apps
 in one process from colliding, and lets ``/metrics`` show exactly this app.
+
+Label values are bounded: routes are templates, methods outside the standard
+set are ``other``, codes and reasons come from fixed lists. The label values
+alerts watch (``upstream_auth_failed``, ``write_failed``, ...) are created at 0
+when the app starts, so the first occurrence is an increase Prometheus sees
+(a series that appears at 1 has no ``increase()``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,49 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3
 UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 # Index lookups are sub-millisecond.
 DB_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5)
+
+# A client can send any token as a method; only these become label values.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+# Every `code` of SPEC §2 (plus internal_error): pre-created at 0 so rates and
+# increases see the first one.
+SESSION_ERROR_CODES = (
+    "malformed_json",
+    "invalid_header",
+    "unauthenticated",
+    "forbidden_user",
+    "insufficient_scope",
+    "return_url_not_allowed",
+    "unknown_user",
+    "unknown_subscription",
+    "no_open_subscription",
+    "unknown_plan",
+    "unknown_offer",
+    "unknown_portal",
+    "subscription_ambiguous",
+    "subscription_not_open",
+    "subscription_not_updatable",
+    "idempotency_conflict",
+    "payload_too_large",
+    "unsupported_media_type",
+    "validation_failed",
+    "rate_limited",
+    "upstream_rejected",
+    "upstream_auth_failed",
+    "upstream_bad_response",
+    "upstream_unavailable",
+    "database_unavailable",
+    "overloaded",
+    "draining",
+    "upstream_timeout",
+    "internal_error",
+)
+AUDIT_OUTCOMES = ("created", "refused", "failed", "unauthenticated", "write_failed")
+
+
+def method_label(method: str) -> str:
+    """The request method as a bounded label value."""
+    return method if method in HTTP_METHODS else "other"
 
 
 class Metrics:
@@ -129,5 +178,16 @@ class Metrics:
         self.build_info = Gauge(
             p + "build_info", "Build information; always 1.", ["version"], registry=r
         )
+        self.ready = Gauge(
+            p + "ready",
+            "1 while this instance is ready (what /readyz answers); updated at every scrape.",
+            registry=r,
+        )
         self.build_info.labels(version=VERSION).set(1)
         self.upstream_circuit_open.set(0)
+        for code in SESSION_ERROR_CODES:
+            self.session_errors.labels(code=code)
+        for outcome in AUDIT_OUTCOMES:
+            self.audit_events.labels(outcome=outcome)
+        for kind in ("customer", "subscription"):
+            self.stale_mappings.labels(kind=kind)

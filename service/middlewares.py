@@ -37,6 +37,7 @@ from service.errors import (
     UnsupportedMediaType,
     problem_body,
 )
+from service.metrics import method_label
 from service.ratelimit import retry_after_seconds
 
 access_log = structlog.get_logger("access")
@@ -115,9 +116,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One canonical log line and the HTTP metrics per request."""
     metrics = request.app[keys.METRICS]
-    lifecycle = request.app[keys.LIFECYCLE]
     started = time.perf_counter()
-    lifecycle.in_flight += 1
     metrics.http_in_flight.inc()
     status = 500
     try:
@@ -125,12 +124,12 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = response.status
         return response
     finally:
-        lifecycle.in_flight -= 1
         metrics.http_in_flight.dec()
         elapsed = time.perf_counter() - started
         route = _route(request)
-        metrics.http_requests.labels(request.method, route, str(status)).inc()
-        metrics.http_duration.labels(request.method, route).observe(elapsed)
+        method = method_label(request.method)
+        metrics.http_requests.labels(method, route, str(status)).inc()
+        metrics.http_duration.labels(method, route).observe(elapsed)
         principal = request.get(keys.PRINCIPAL)
         access_log.info(
             "request",
@@ -180,22 +179,37 @@ def _from_http_exception(exc: web.HTTPException) -> ServiceError:
 
 @web.middleware
 async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse at once above MAX_IN_FLIGHT instead of queueing without bound."""
+    """Refuse at once above MAX_IN_FLIGHT instead of queueing without bound, and
+    refuse new work while draining. Probes and /metrics always pass, uncounted."""
+    if request.path in _UNSHED_PATHS:
+        return await handler(request)
     lifecycle = request.app[keys.LIFECYCLE]
-    if request.path not in _UNSHED_PATHS:
-        if lifecycle.draining:
-            raise ServiceUnavailable(
-                "draining",
-                "This instance is shutting down; retry.",
-                headers={"Retry-After": "1", "Connection": "close"},
-            )
-        if lifecycle.in_flight > request.app[keys.SETTINGS].max_in_flight:
-            raise ServiceUnavailable(
-                "overloaded",
-                "Too many requests in flight; retry shortly.",
-                headers={"Retry-After": "1"},
-            )
-    return await handler(request)
+    error: ServiceError | None = None
+    if lifecycle.draining:
+        error = ServiceUnavailable(
+            "draining",
+            "This instance is shutting down; retry.",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+    elif lifecycle.in_flight >= request.app[keys.SETTINGS].max_in_flight:
+        error = ServiceUnavailable(
+            "overloaded",
+            "Too many requests in flight; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
+    if error is not None:
+        # Refused before auth and audit: counted here (the shed panel and alerts).
+        request.app[keys.METRICS].session_errors.labels(code=error.code).inc()
+        raise error
+    lifecycle.enter()
+    try:
+        response = await handler(request)
+    finally:
+        lifecycle.leave()
+    if lifecycle.draining:
+        # Finished during a drain: the client reconnects, to another replica.
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -208,8 +222,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             request.headers.get("Authorization")
         )
     except Unauthenticated as exc:
-        request.app[keys.METRICS].auth_failures.labels(reason=exc.reason).inc()
-        request.app[keys.METRICS].session_errors.labels(code=exc.code).inc()
+        metrics = request.app[keys.METRICS]
+        metrics.auth_failures.labels(reason=exc.reason).inc()
+        metrics.session_errors.labels(code=exc.code).inc()
+        # Logged, not stored (SPEC §6): anonymous traffic can't fill the database.
+        metrics.audit_events.labels(outcome="unauthenticated").inc()
         auth_log.warning(
             "audit",
             outcome="unauthenticated",
@@ -264,6 +281,9 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         metrics.session_errors.labels(code=error.code).inc()
     event.duration_ms = (time.perf_counter() - started) * 1000
     request[keys.LOG_FIELDS].update(user_id=event.user_id, flow=event.flow)
+    if event.stripe_request_id is not None:
+        # Failures too: the Request-Id is what Stripe support asks for.
+        request[keys.LOG_FIELDS].setdefault("upstream_request_id", event.stripe_request_id)
     if error is not None:
         await _record_quietly(request, event)
         raise error

@@ -20,12 +20,20 @@ from service.audit import AuditEvent
 from service.auth import Principal
 from service.config import Settings
 from service.db import queries
+from service.db import webhooks as mapping_db
 from service.db.pool import Database
-from service.errors import Conflict, Forbidden, NotFound, ServiceError, ValidationFailed
+from service.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    ValidationFailed,
+)
 from service.metrics import Metrics
 from service.return_urls import ReturnUrlMalformed, ReturnUrlNotAllowed, check_return_url
 from service.schemas import SUBSCRIPTION_FLOWS
-from service.stripe import PortalSession, StripeClient
+from service.stripe import PortalSession, StripeClient, upstream_error_code
 
 OPEN_STATUSES = frozenset({"active", "trialing", "past_due"})
 
@@ -113,11 +121,62 @@ async def open_portal_session(
         )
     except ServiceError as exc:
         audit.stripe_request_id = exc.stripe_request_id
+        if exc.code == "upstream_rejected" and upstream_error_code(exc) == "resource_missing":
+            await _mark_stale(deps, audit, user_id, params, exc)
         raise
     audit.stripe_session_id = session.id
     audit.stripe_request_id = session.request_id
     audit.detail = {"attempts": session.attempts}
     return OpenedSession(session, user_id, flow_type)
+
+
+async def _mark_stale(
+    deps: PortalDeps,
+    audit: AuditEvent,
+    user_id: str,
+    params: dict[str, Any],
+    error: ServiceError,
+) -> None:
+    """Stripe does not know an id we mapped: mark that mapping stale, count it, audit it.
+
+    A stale subscription is no longer picked as the default; a stale mapping
+    heals with the next webhook for it, ``resync`` or a re-import.
+    """
+    upstream = error.extra.get("upstream")
+    param = upstream.get("param") if isinstance(upstream, dict) else None
+    target = _stale_target(param, params)
+    if target is None:
+        return  # a price, coupon or configuration: not a customer or subscription mapping
+    kind, stripe_id = target
+    try:
+        newly_marked = await mapping_db.mark_stale(deps.db, kind, user_id, stripe_id)
+    except DatabaseUnavailable:
+        newly_marked = False  # the caller still gets the 502; the next refusal marks it
+    if newly_marked:
+        deps.metrics.stale_mappings.labels(kind=kind).inc()
+    audit.detail = {
+        **(audit.detail or {}),
+        "stale": {"kind": kind, "id": stripe_id, "param": param, "newly_marked": newly_marked},
+    }
+    error.detail = f"Stripe has no such {kind} for this user; the mapping is marked stale."
+
+
+def _stale_target(param: str | None, params: dict[str, Any]) -> tuple[str, str] | None:
+    """Which of our mappings Stripe's ``param`` of a ``resource_missing`` points at."""
+    if param in ("customer", "customer_account"):
+        value = params.get(param)
+        return ("customer", value) if isinstance(value, str) else None
+    flow_data = params.get("flow_data") or {}
+    flow_type = flow_data.get("type")
+    flow = flow_data.get(flow_type) if isinstance(flow_type, str) else None
+    sub = flow.get("subscription") if isinstance(flow, dict) else None
+    if not isinstance(sub, str) or param is None or not param.startswith(f"flow_data[{flow_type}]"):
+        return None
+    # The subscription itself, or its mapped item (an item id Stripe no longer
+    # knows means the mapping is out of date just the same).
+    if param.endswith("[subscription]") or ("[items]" in param and param.endswith("[id]")):
+        return "subscription", sub
+    return None
 
 
 def _target_user(principal: Principal, body: dict[str, Any]) -> str:

@@ -87,18 +87,29 @@ class StrictInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+# Postgres text cannot hold NUL, and no id, name, URL or message needs one: refuse
+# it here (422 on the field) rather than let the lookup or the audit row fail.
+NO_NUL = validate.Regexp(r"^[^\x00]*$", error="Must not contain NUL characters.")
+
+
+def _text(min_length: int, max_length: int, **kwargs: Any) -> fields.String:
+    return fields.String(
+        validate=[validate.Length(min=min_length, max=max_length), NO_NUL], **kwargs
+    )
+
+
 def _name(max_length: int = 128, **kwargs: Any) -> fields.String:
-    return fields.String(validate=validate.Length(min=1, max=max_length), **kwargs)
+    return _text(1, max_length, **kwargs)
 
 
 class AfterCompletionSchema(Schema):
     type = fields.String(required=True, validate=validate.OneOf(AFTER_COMPLETION_TYPES))
-    message = fields.String(
-        validate=validate.Length(min=1, max=500),
-        metadata={"description": "hosted_confirmation only: the custom message."},
+    message = _text(
+        1, 500, metadata={"description": "hosted_confirmation only: the custom message."}
     )
-    return_url = fields.String(
-        validate=validate.Length(min=1, max=2048),
+    return_url = _text(
+        1,
+        2048,
         metadata={"description": "redirect only (and then required): an allowlisted URL."},
     )
 
@@ -152,7 +163,7 @@ class PortalSessionRequestSchema(Schema):
             "optional and must equal the token's subject."
         }
     )
-    return_url = fields.String(validate=validate.Length(min=1, max=2048))
+    return_url = _text(1, 2048)
     locale = fields.String(validate=validate.OneOf(LOCALES))
     portal = _name(metadata={"description": "Portal profile name."})
     flow = fields.Nested(FlowSchema)
@@ -201,6 +212,20 @@ class ProblemSchema(Schema):
 class HealthSchema(Schema):
     status = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class WebhookReceiptSchema(Schema):
+    """The answer to a verified Stripe webhook delivery (Stripe only looks at the 2xx)."""
+
+    received = fields.Boolean(required=True)
+    id = fields.String(required=True, metadata={"description": "The Stripe event id."})
+    result = fields.String(
+        required=True,
+        metadata={
+            "description": "applied, duplicate, superseded (older than the mapping), "
+            "unknown_customer, unhandled, livemode_mismatch or invalid_object."
+        },
+    )
 
 
 def flatten_errors(messages: Any, prefix: str = "") -> dict[str, list[str]]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import itertools
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.schemas import PortalSessionSchema, ProblemSchema
 
@@ -53,3 +59,91 @@ async def problem(resp: ClientResponse, status: int, code: str) -> dict[str, Any
     assert body["status"] == status
     assert body["request_id"] == resp.headers["X-Request-ID"]
     return body
+
+
+# --- Stripe webhooks ---------------------------------------------------------
+
+WEBHOOK_PATH = "/v1/stripe/webhooks"
+WEBHOOK_SECRET = "whsec_testcurrent0123456789"
+_event_ids = itertools.count(1)
+
+
+def stripe_signature(payload: bytes, secret: str = WEBHOOK_SECRET, t: int | None = None) -> str:
+    """A ``Stripe-Signature`` header as Stripe computes it."""
+    t = int(time.time()) if t is None else t
+    digest = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={t},v1={digest}"
+
+
+def subscription_event(
+    event_type: str,
+    sub_id: str,
+    customer: str,
+    *,
+    status: str = "active",
+    items: Sequence[tuple[str, str, int]] = (),
+    created: int | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``customer.subscription.*`` event with items given as (si_, price_, quantity)."""
+    now = int(time.time())
+    obj = {
+        "id": sub_id,
+        "object": "subscription",
+        "customer": customer,
+        "status": status,
+        "items": {
+            "object": "list",
+            "data": [
+                {"id": si, "object": "subscription_item", "price": {"id": price}, "quantity": q}
+                for si, price, q in items
+            ],
+            "has_more": False,
+        },
+    }
+    return _event(event_type, obj, created if created is not None else now, event_id)
+
+
+def customer_deleted_event(customer: str, created: int | None = None) -> dict[str, Any]:
+    obj = {"id": customer, "object": "customer", "deleted": True}
+    return _event("customer.deleted", obj, created or int(time.time()), None)
+
+
+def _event(
+    event_type: str, obj: dict[str, Any], created: int, event_id: str | None
+) -> dict[str, Any]:
+    return {
+        "id": event_id or f"evt_test{next(_event_ids):06d}{int(time.time() * 1000) % 10**9}",
+        "object": "event",
+        "api_version": "2025-09-30.clover",
+        "created": created,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": "req_webhooktest", "idempotency_key": None},
+        "type": event_type,
+        "data": {"object": obj},
+    }
+
+
+async def deliver(
+    client: TestClient[Any, Any],
+    event: dict[str, Any] | bytes,
+    *,
+    secret: str = WEBHOOK_SECRET,
+    signature: str | None = None,
+) -> ClientResponse:
+    """POST an event to the webhook endpoint, signed with ``secret`` unless a header is given."""
+    payload = event if isinstance(event, bytes) else orjson.dumps(event)
+    header = signature if signature is not None else stripe_signature(payload, secret)
+    headers = {"Content-Type": "application/json; charset=utf-8", "Stripe-Signature": header}
+    return await client.post(WEBHOOK_PATH, data=payload, headers=headers)
+
+
+async def metric_value(client: TestClient[Any, Any], name: str, **labels: str) -> float:
+    """One sample of ``GET /metrics`` with exactly these labels, 0 if absent."""
+    text = await (await client.get("/metrics")).text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

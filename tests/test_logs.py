@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.logs import redact
+from service.logs import configure, redact
 from tests.conftest import LEAK_PATTERNS, STRIPE_TEST_KEY, Standin
 from tests.helpers import created, post_session, problem
 
@@ -89,3 +89,104 @@ def test_redact_masks_what_slips_through() -> None:
     masked = redact(text)
     for secret in ("sk_live_abc123", "pgw_abc", "billing.stripe.com", "eyJa", "abc.def", "whsec_"):
         assert secret not in masked
+
+
+ACCESS_FIELDS = {
+    "request_id",
+    "method",
+    "route",
+    "status",
+    "duration_ms",
+    "principal_type",
+    "principal_id",
+    "user_id",
+    "flow",
+    "upstream_request_id",
+    "attempts",
+}
+
+
+async def test_one_canonical_access_line_per_request(
+    service: Any, token: str, captured: io.StringIO
+) -> None:
+    body = {"user_id": "u_42", "flow": {"type": "subscription_cancel"}}
+    await created(await post_session(service, body, token, {"X-Request-ID": "r-canon"}))
+    await service.get("/healthz")
+    lines = _lines(captured)
+    access = [line for line in lines if line.get("logger") == "access"]
+    assert [a["route"] for a in access] == ["/v1/portal-sessions", "/healthz"]
+    line = access[0]
+    assert set(line) >= ACCESS_FIELDS | {"event", "level", "timestamp"}
+    assert line["request_id"] == "r-canon"
+    assert (line["method"], line["status"]) == ("POST", 201)
+    assert isinstance(line["duration_ms"], float)
+    assert (line["principal_type"], line["principal_id"]) == ("client", "billing-frontend")
+    assert (line["user_id"], line["flow"], line["attempts"]) == ("u_42", "subscription_cancel", 1)
+    assert line["upstream_request_id"].startswith("req_")
+    # The audit stream is its own logger, for the same request.
+    (audit,) = [a for a in lines if a.get("logger") == "audit"]
+    assert (audit["event"], audit["request_id"], audit["outcome"]) == (
+        "audit",
+        "r-canon",
+        "created",
+    )
+
+
+async def test_access_line_of_a_failed_upstream_call(
+    service: Any, token: str, standin: Standin, captured: io.StringIO
+) -> None:
+    standin.state.queue_faults([{"status": 500, "repeat": 3}])
+    await problem(
+        await post_session(service, {"user_id": "u_42"}, token), 503, "upstream_unavailable"
+    )
+    (line,) = [a for a in _lines(captured) if a.get("logger") == "access"]
+    assert line["status"] == 503
+    assert line["attempts"] == 3  # STRIPE_MAX_RETRIES=2
+    assert line["upstream_request_id"].startswith("req_")
+    assert (line["user_id"], line["flow"]) == ("u_42", "home")
+
+
+def test_stdlib_loggers_write_one_json_object_per_line(captured: io.StringIO) -> None:
+    logging.getLogger("aiohttp.server").error("Error handling request from %s", "10.0.0.1")
+    logging.getLogger("alembic.runtime.migration").info("Running upgrade -> 0001")
+    try:
+        raise ConnectionResetError("gone")
+    except ConnectionResetError:
+        logging.getLogger("asyncpg.pool").exception("connection lost")
+    first, second, third = _lines(captured)  # exactly three lines, each one JSON object
+    assert first == {
+        "event": "Error handling request from 10.0.0.1",
+        "level": "error",
+        "logger": "aiohttp.server",
+        "timestamp": first["timestamp"],
+    }
+    assert (second["logger"], second["level"]) == ("alembic.runtime.migration", "info")
+    assert third["logger"] == "asyncpg.pool"
+    (exc,) = third["exception"]  # the exception as structured fields
+    assert (exc["exc_type"], exc["exc_value"]) == ("ConnectionResetError", "gone")
+    assert exc["frames"]
+    # Frames without their local variables: those can hold secrets.
+    assert all("locals" not in frame for frame in exc["frames"])
+
+
+async def test_console_format_for_development(service: Any, token: str) -> None:
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    try:
+        configure("INFO", "console", stream=buffer)
+        await created(await post_session(service, {"user_id": "u_42"}, token))
+        logging.getLogger("aiohttp.server").warning("slow client")
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    text = buffer.getvalue()
+    assert text
+    for line in text.splitlines():
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(line)
+    assert "[access" in text
+    assert "route=/v1/portal-sessions" in text
+    assert "[aiohttp.server" in text
+    assert "slow client" in text
+    assert LEAK_PATTERNS.search(text) is None

@@ -2,6 +2,12 @@
 
 Any connection-level failure (server down, pool exhausted, timeout) surfaces as
 ``DatabaseUnavailable`` so callers get a quick 503 instead of a hang or a 500.
+
+One timeout bounds each call as a whole: waiting for a pooled connection,
+opening a new one (asyncpg's connect timeout is 60 s unless told otherwise,
+and a dead pooled connection is reopened on acquire), and the statement. So a
+request during an outage is answered 503 within that timeout, and once the
+server is back the next acquire reconnects: no restart needed.
 """
 
 from __future__ import annotations
@@ -22,12 +28,24 @@ from service.metrics import Metrics
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
+    # Class 08: the connection failed or was closed under us.
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.QueryCanceledError,
+    # Class 57: shutting down, crashed, starting up, statement timeout.
+    asyncpg.OperatorInterventionError,
+    # Class 53: too many connections, out of memory or disk.
+    asyncpg.InsufficientResourcesError,
+    # A failover left us on a standby that is still read-only.
+    asyncpg.ReadOnlySQLTransactionError,
+)
+# Reconnecting while serving, the server may also refuse us outright (the
+# database or role is gone, e.g. after a failover to a server not yet restored):
+# to a request that is the database being unavailable too, not a bug. At start-up
+# the same errors are configuration errors, so Database.connect lets them through.
+_REQUEST_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    *UNAVAILABLE_ERRORS,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 
 
@@ -48,6 +66,8 @@ class Database:
         self.pool = pool
         self._metrics = metrics
         self.timeout = timeout
+        # Releases still running after their caller got its answer (see _release).
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(
@@ -88,42 +108,68 @@ class Database:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
-        """A pooled connection; acquisition is bounded by the timeout."""
+        """A pooled connection; acquisition (and reconnecting) is bounded by the timeout."""
         try:
-            async with self.pool.acquire(timeout=self.timeout) as conn:
-                yield conn
+            conn = await self.pool.acquire(timeout=self.timeout)
+        except _REQUEST_UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable() from exc
+        try:
+            yield conn
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailable() from exc
+        finally:
+            self._give_back(conn)
 
     async def fetchrow(self, name: str, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run one named statement and return its first row."""
-        started = time.perf_counter()
-        try:
-            return await self.pool.fetchrow(sql, *args, timeout=self.timeout)
-        except UNAVAILABLE_ERRORS as exc:
-            raise DatabaseUnavailable() from exc
-        finally:
-            self._observe(name, started)
+        result: asyncpg.Record | None = await self._run(name, "fetchrow", sql, args)
+        return result
 
     async def fetch(self, name: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run one named statement and return all rows."""
+        result: list[asyncpg.Record] = await self._run(name, "fetch", sql, args)
+        return result
+
+    async def execute(self, name: str, sql: str, *args: Any) -> str:
+        """Run one named statement for its effect."""
+        result: str = await self._run(name, "execute", sql, args)
+        return result
+
+    async def _run(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        # Not pool.fetchrow() & co: their acquire has no timeout, so an exhausted
+        # pool or a server that does not answer the connect would queue forever.
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
-            return await self.pool.fetch(sql, *args, timeout=self.timeout)
-        except UNAVAILABLE_ERRORS as exc:
+            conn = await self.pool.acquire(timeout=self.timeout)
+            try:
+                remaining = max(deadline - loop.time(), 0.001)
+                return await getattr(conn, method)(sql, *args, timeout=remaining)
+            finally:
+                self._give_back(conn)
+        except _REQUEST_UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailable() from exc
         finally:
             self._observe(name, started)
 
-    async def execute(self, name: str, sql: str, *args: Any) -> str:
-        """Run one named statement for its effect."""
-        started = time.perf_counter()
-        try:
-            return await self.pool.execute(sql, *args, timeout=self.timeout)
-        except UNAVAILABLE_ERRORS as exc:
-            raise DatabaseUnavailable() from exc
-        finally:
-            self._observe(name, started)
+    def _give_back(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
+        """Release the connection to the pool without making the caller wait for it.
+
+        asyncpg resets a connection on release (a round trip), and after a
+        timed-out statement first waits for the server to confirm the cancel:
+        on a hung server, another full timeout. The caller has its answer (or
+        its 503) already; the release finishes in the background, bounded by
+        the acquire timeout, and asyncpg terminates a connection it cannot reset.
+        """
+        task = asyncio.ensure_future(self.pool.release(conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled():
+            task.exception()  # already logged by asyncpg; retrieved so asyncio stays quiet
 
     def _observe(self, name: str, started: float) -> None:
         if self._metrics is not None:

@@ -203,6 +203,10 @@ LIMIT 1
 async def record_mode(db: Database, livemode: bool) -> bool:
     """Record the database's mode on first use; return the mode it maps."""
     row = await db.fetchrow("record_mode", RECORD_MODE, livemode)
+    if row is None:
+        # Another process inserted the row after our snapshot was taken (two
+        # replicas starting on a new database); a second statement sees it.
+        row = await db.fetchrow("record_mode", RECORD_MODE, livemode)
     assert row is not None
     return bool(row["livemode"])
 

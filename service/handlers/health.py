@@ -38,11 +38,19 @@ async def healthz(request: web.Request) -> web.Response:
 )
 @response_schema(HealthSchema, 200)
 async def readyz(request: web.Request) -> web.Response:
-    lifecycle = request.app[keys.LIFECYCLE]
+    ready, checks = await _readiness(request.app)
+    return _json(
+        200 if ready else 503, {"status": "ready" if ready else "not_ready", "checks": checks}
+    )
+
+
+async def _readiness(app: web.Application) -> tuple[bool, dict[str, str]]:
+    """The readiness verdict and its checks; also kept in ``portal_gateway_ready``."""
+    lifecycle = app[keys.LIFECYCLE]
     checks: dict[str, str] = {}
     if lifecycle.draining:
         checks["draining"] = "yes"
-    db = request.app[keys.DB]
+    db = app[keys.DB]
     try:
         revision = await asyncio.wait_for(queries.current_revision(db), timeout=db.timeout)
     except (ServiceError, TimeoutError):
@@ -51,17 +59,22 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = "ok"
         checks["migrations"] = "ok" if revision == lifecycle.migrations_head else "not_at_head"
     ready = not lifecycle.draining and checks.get("migrations") == "ok"
-    return _json(
-        200 if ready else 503, {"status": "ready" if ready else "not_ready", "checks": checks}
-    )
+    app[keys.METRICS].ready.set(1 if ready else 0)
+    return ready, checks
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this app's registry."""
+    """Prometheus text exposition of this app's registry.
+
+    Point-in-time gauges are refreshed here, at scrape time: the pool by state,
+    and readiness (one bounded query, the same check as ``/readyz``), so the
+    readiness alert works whether or not anything probes ``/readyz``.
+    """
     m = request.app[keys.METRICS]
     db = request.app.get(keys.DB)
     if db is not None:
         for state, value in db.pool_stats().items():
             m.db_pool.labels(state=state).set(value)
+        await _readiness(request.app)
     body = generate_latest(m.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -60,7 +60,14 @@ def _error_responses() -> dict[int, dict[str, Any]]:
             "in": "header",
             "name": "Idempotency-Key",
             "required": False,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            # Printable ASCII; HTTP drops a header value's outer spaces, so the
+            # key starts and ends with a visible character.
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 255,
+                "pattern": r"^[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?$",
+            },
         },
         {
             "in": "header",

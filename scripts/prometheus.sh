@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Make sure a real Prometheus and promtool are installed, for the dashboard and
+# alert check (`make check-dashboards`, also part of `make test`).
+#
+# When either binary is missing, Debian's `prometheus` package is installed
+# with apt-get (non-interactive; as root, or through sudo when not root). When
+# both are present this costs nothing: no apt, no network.
+#
+# Usage:
+#   scripts/prometheus.sh       two lines on stdout:
+#                                 PROMETHEUS=/usr/bin/prometheus
+#                                 PROMTOOL=/usr/bin/promtool
+#
+# Environment:
+#   PROMETHEUS_BIN, PROMTOOL_BIN   use these binaries instead (nothing installed)
+#
+# Everything else goes to stderr. Exit 1 with one clear line when the binaries
+# are missing and cannot be installed.
+set -euo pipefail
+
+log() { printf 'prometheus.sh: %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+have() { command -v "$1" >/dev/null 2>&1; }
+
+find_bin() {
+    # An explicit override, else PATH, else Debian's location (root's PATH may
+    # lack /usr/bin in odd shells; sbin never holds these).
+    local override=$1 name=$2
+    if [[ -n $override ]]; then
+        [[ -x $override ]] || die "$name: $override is not an executable"
+        printf '%s\n' "$override"
+    elif have "$name"; then
+        command -v "$name"
+    elif [[ -x /usr/bin/$name ]]; then
+        printf '/usr/bin/%s\n' "$name"
+    fi
+}
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    elif have sudo; then
+        sudo -n "$@"
+    else
+        die "Prometheus is not installed, and installing it needs root (no sudo here)"
+    fi
+}
+
+install_prometheus() {
+    have apt-get || die "Prometheus is not installed and there is no apt-get: install Debian's prometheus package, or set PROMETHEUS_BIN and PROMTOOL_BIN"
+    log "prometheus/promtool not found: installing Debian's prometheus package with apt-get"
+    # --no-install-recommends: no node exporter. Debian packages do not start
+    # their daemon in containers (policy-rc.d), and the check starts its own.
+    local -a apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -y
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
+    fi
+    if ! as_root "${apt[@]}" install --no-install-recommends prometheus >&2; then
+        # Stale package lists (a newer point release) are the usual cause.
+        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
+        as_root "${apt[@]}" install --no-install-recommends prometheus >&2 ||
+            die "apt-get install prometheus failed"
+    fi
+}
+
+main() {
+    local prometheus promtool
+    prometheus=$(find_bin "${PROMETHEUS_BIN:-}" prometheus)
+    promtool=$(find_bin "${PROMTOOL_BIN:-}" promtool)
+    if [[ -z $prometheus || -z $promtool ]]; then
+        install_prometheus
+        prometheus=$(find_bin "" prometheus)
+        promtool=$(find_bin "" promtool)
+        [[ -n $prometheus && -n $promtool ]] ||
+            die "the prometheus package is installed but prometheus/promtool are not on PATH"
+    fi
+    printf 'PROMETHEUS=%s\nPROMTOOL=%s\n' "$prometheus" "$promtool"
+}
+
+main "$@"

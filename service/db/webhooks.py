@@ -1,0 +1,352 @@
+"""SQL that keeps the mapping true: webhook events, stale marks and resync rewrites.
+
+Ordering is decided by Postgres, not Python: the subscription upsert only
+overwrites a row whose ``last_event_at`` is older than the event (``ON CONFLICT
+DO UPDATE ... WHERE`` re-checks the newest committed row version under its row
+lock), so concurrent deliveries for one subscription end with the newest
+event's state whatever order they commit in. Every statement goes through a
+primary key or unique index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from service.db.pool import Database
+
+# What ``Database.connection()`` yields; every function here runs inside the
+# caller's transaction on it.
+Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionState:
+    """One subscription as Stripe describes it (item fields are None for several items)."""
+
+    id: str
+    customer: str | None
+    account: str | None
+    status: str
+    item_id: str | None
+    price_id: str | None
+    quantity: int | None
+
+
+# --- events ----------------------------------------------------------------
+
+# The event id is claimed first: a replay (or a concurrent duplicate delivery,
+# which waits here on the primary key) finds it taken and changes nothing.
+CLAIM_EVENT = """
+INSERT INTO stripe_events (id, type, created, result, customer, object_id)
+VALUES ($1, $2, $3, 'processing', $4, $5)
+ON CONFLICT (id) DO NOTHING
+RETURNING true
+"""
+
+FINISH_EVENT = "UPDATE stripe_events SET result = $2 WHERE id = $1"
+
+
+async def claim_event(
+    conn: Conn,
+    event_id: str,
+    event_type: str,
+    created: datetime,
+    customer: str | None,
+    object_id: str | None,
+) -> bool:
+    """Record the event; False if it was already recorded (a duplicate delivery)."""
+    claimed = await conn.fetchval(CLAIM_EVENT, event_id, event_type, created, customer, object_id)
+    return bool(claimed)
+
+
+async def finish_event(conn: Conn, event_id: str, result: str) -> None:
+    """Store what applying the event did."""
+    await conn.execute(FINISH_EVENT, event_id, result)
+
+
+# The owner is found through the unique customer (or Accounts v2 account) id.
+# With no owner nothing is inserted and no row comes back: an unknown customer.
+# A deletion applies once, whatever its time (deletion is final in Stripe);
+# anything else applies only to a row that is not deleted and whose last
+# event is older. On a tie (Stripe's `created` has one-second resolution) the
+# later delivery wins, except a `created` event, which is always a first state.
+APPLY_SUBSCRIPTION = """
+WITH owner AS (
+    SELECT user_id FROM customers WHERE stripe_customer_id = $2::text
+    UNION ALL
+    SELECT user_id FROM customers WHERE stripe_account_id = $3::text
+    LIMIT 1
+), applied AS (
+    INSERT INTO subscriptions AS s (
+        stripe_subscription_id, user_id, status, item_id, price_id, quantity,
+        last_event_at, deleted_at, stale_at, updated_at)
+    SELECT $1::text, owner.user_id, $4::text, $5::text, $6::text, $7::integer,
+           $8::timestamptz, CASE WHEN $9::boolean THEN $8::timestamptz END, NULL, now()
+    FROM owner
+    ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+        user_id = EXCLUDED.user_id,
+        -- A ref is unique per user: it does not follow a subscription to another user.
+        external_ref = CASE WHEN s.user_id = EXCLUDED.user_id THEN s.external_ref END,
+        status = EXCLUDED.status,
+        item_id = EXCLUDED.item_id,
+        price_id = EXCLUDED.price_id,
+        quantity = EXCLUDED.quantity,
+        last_event_at = greatest(s.last_event_at, EXCLUDED.last_event_at),
+        deleted_at = EXCLUDED.deleted_at,
+        stale_at = NULL,
+        updated_at = now()
+    WHERE s.deleted_at IS NULL AND (
+        $9::boolean
+        OR s.last_event_at IS NULL
+        OR s.last_event_at < EXCLUDED.last_event_at
+        OR (s.last_event_at = EXCLUDED.last_event_at AND NOT $10::boolean))
+    RETURNING s.external_ref, (s.xmax = 0) AS inserted
+)
+SELECT owner.user_id, applied.inserted, applied.external_ref
+FROM owner LEFT JOIN applied ON true
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What the subscription upsert did: no owner, superseded, inserted or updated."""
+
+    user_id: str | None
+    applied: bool
+    inserted: bool
+    external_ref: str | None
+
+
+async def apply_subscription(
+    conn: Conn,
+    sub: SubscriptionState,
+    event_time: datetime,
+    *,
+    deletion: bool,
+    creation: bool,
+) -> Applied:
+    """Upsert the subscription if the event is newer than what the row holds."""
+    row = await conn.fetchrow(
+        APPLY_SUBSCRIPTION,
+        sub.id,
+        sub.customer,
+        sub.account,
+        sub.status,
+        sub.item_id,
+        sub.price_id,
+        sub.quantity,
+        event_time,
+        deletion,
+        creation,
+    )
+    if row is None:
+        return Applied(None, applied=False, inserted=False, external_ref=None)
+    inserted = row["inserted"]
+    return Applied(
+        row["user_id"],
+        applied=inserted is not None,
+        inserted=bool(inserted),
+        external_ref=row["external_ref"],
+    )
+
+
+# The subquery sees the rows the cascade is about to delete.
+DELETE_CUSTOMER = """
+DELETE FROM customers c
+WHERE c.stripe_customer_id = $1
+RETURNING c.user_id, ARRAY(
+    SELECT s.stripe_subscription_id FROM subscriptions s
+    WHERE s.user_id = c.user_id ORDER BY s.stripe_subscription_id) AS subscriptions
+"""
+
+
+async def delete_customer(conn: Conn, stripe_customer_id: str) -> tuple[str, list[str]] | None:
+    """Remove the customer mapping (and, by cascade, its subscriptions)."""
+    row = await conn.fetchrow(DELETE_CUSTOMER, stripe_customer_id)
+    if row is None:
+        return None
+    return row["user_id"], list(row["subscriptions"])
+
+
+# --- audit inside the caller's transaction ----------------------------------
+
+INSERT_AUDIT = """
+INSERT INTO audit_events (
+    occurred_at, request_id, principal_type, principal_id, user_id, action, flow, outcome,
+    http_status, error_code, stripe_customer_id, stripe_session_id, stripe_request_id,
+    client_ip, user_agent, duration_ms, detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+"""
+_AUDIT_FIELDS = (
+    "occurred_at",
+    "request_id",
+    "principal_type",
+    "principal_id",
+    "user_id",
+    "action",
+    "flow",
+    "outcome",
+    "http_status",
+    "error_code",
+    "stripe_customer_id",
+    "stripe_session_id",
+    "stripe_request_id",
+    "client_ip",
+    "user_agent",
+    "duration_ms",
+    "detail",
+)
+
+
+async def insert_audit(conn: Conn, event: Any) -> None:
+    """Append an ``audit.AuditEvent`` in the same transaction as the change it records."""
+    await conn.execute(INSERT_AUDIT, *(getattr(event, name) for name in _AUDIT_FIELDS))
+
+
+# --- stale marks -------------------------------------------------------------
+
+# Only while the row still maps that very id, and only once: the caller counts
+# a mapping going stale, not every request that finds it stale.
+MARK_CUSTOMER_STALE = """
+UPDATE customers SET stale_at = now(), updated_at = now()
+WHERE user_id = $1 AND (stripe_customer_id = $2 OR stripe_account_id = $2)
+  AND stale_at IS NULL
+RETURNING true
+"""
+
+MARK_SUBSCRIPTION_STALE = """
+UPDATE subscriptions SET stale_at = now(), updated_at = now()
+WHERE stripe_subscription_id = $2 AND user_id = $1 AND stale_at IS NULL
+RETURNING true
+"""
+
+
+async def mark_stale(db: Database, kind: str, user_id: str, stripe_id: str) -> bool:
+    """Mark the user's ``customer`` or ``subscription`` mapping stale; True if it was not."""
+    sql = MARK_CUSTOMER_STALE if kind == "customer" else MARK_SUBSCRIPTION_STALE
+    row = await db.fetchrow(f"mark_{kind}_stale", sql, user_id, stripe_id)
+    return row is not None
+
+
+# --- resync ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerMapping:
+    user_id: str
+    stripe_customer_id: str | None
+    stripe_account_id: str | None
+
+
+FIND_CUSTOMER = """
+SELECT user_id, stripe_customer_id, stripe_account_id FROM customers WHERE user_id = $1
+"""
+
+# Keyset pagination over the primary key: `resync --all` never holds a big result.
+CUSTOMERS_AFTER = """
+SELECT user_id, stripe_customer_id, stripe_account_id FROM customers
+WHERE user_id > $1 ORDER BY user_id LIMIT $2
+"""
+
+
+def _customer(row: asyncpg.Record) -> CustomerMapping:
+    return CustomerMapping(row["user_id"], row["stripe_customer_id"], row["stripe_account_id"])
+
+
+async def find_customer(conn: Conn, user_id: str) -> CustomerMapping | None:
+    """The user's customer mapping, if any."""
+    row = await conn.fetchrow(FIND_CUSTOMER, user_id)
+    return None if row is None else _customer(row)
+
+
+async def customers_after(conn: Conn, after: str, limit: int) -> list[CustomerMapping]:
+    """The next page of customer mappings in user_id order."""
+    return [_customer(r) for r in await conn.fetch(CUSTOMERS_AFTER, after, limit)]
+
+
+# Serialises rewrites of one user and checks the mapping did not change while
+# Stripe was being read.
+LOCK_CUSTOMER = """
+SELECT true FROM customers WHERE user_id = $1 AND stripe_customer_id = $2 FOR UPDATE
+"""
+
+# Stripe's answer read at $7 is the truth, except for rows an event newer than
+# that read has already updated. A ref stays with its subscription id.
+RESYNC_UPSERT = """
+INSERT INTO subscriptions AS s (
+    stripe_subscription_id, user_id, status, item_id, price_id, quantity,
+    last_event_at, deleted_at, stale_at, updated_at)
+SELECT t.id, $1::text, t.status, t.item_id, t.price_id, t.quantity, $7::timestamptz,
+       CASE WHEN t.status IN ('canceled', 'incomplete_expired') THEN $7::timestamptz END,
+       NULL, now()
+FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::integer[])
+    AS t(id, status, item_id, price_id, quantity)
+ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+    user_id = EXCLUDED.user_id,
+    external_ref = CASE WHEN s.user_id = EXCLUDED.user_id THEN s.external_ref END,
+    status = EXCLUDED.status,
+    item_id = EXCLUDED.item_id,
+    price_id = EXCLUDED.price_id,
+    quantity = EXCLUDED.quantity,
+    last_event_at = EXCLUDED.last_event_at,
+    deleted_at = CASE WHEN EXCLUDED.deleted_at IS NOT NULL
+                      THEN coalesce(s.deleted_at, EXCLUDED.deleted_at) END,
+    stale_at = NULL,
+    updated_at = now()
+WHERE s.last_event_at IS NULL OR s.last_event_at <= EXCLUDED.last_event_at
+RETURNING s.stripe_subscription_id
+"""
+
+# Rows Stripe does not list for this customer (even with status=all) are not
+# its subscriptions: they go, unless an event newer than the read created them.
+RESYNC_REMOVE = """
+DELETE FROM subscriptions
+WHERE user_id = $1 AND stripe_subscription_id <> ALL($2::text[])
+  AND (last_event_at IS NULL OR last_event_at <= $3::timestamptz)
+RETURNING stripe_subscription_id
+"""
+
+CLEAR_CUSTOMER_STALE = """
+UPDATE customers SET stale_at = NULL, updated_at = now()
+WHERE user_id = $1 AND stale_at IS NOT NULL
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Rewritten:
+    written: list[str]
+    removed: list[str]
+
+
+async def rewrite_subscriptions(
+    conn: Conn,
+    customer: CustomerMapping,
+    subs: list[SubscriptionState],
+    read_at: datetime,
+) -> Rewritten | None:
+    """Make the user's rows what Stripe listed at ``read_at``; None if the mapping moved."""
+    assert customer.stripe_customer_id is not None
+    locked = await conn.fetchval(LOCK_CUSTOMER, customer.user_id, customer.stripe_customer_id)
+    if not locked:
+        return None
+    ids = [s.id for s in subs]
+    written = await conn.fetch(
+        RESYNC_UPSERT,
+        customer.user_id,
+        ids,
+        [s.status for s in subs],
+        [s.item_id for s in subs],
+        [s.price_id for s in subs],
+        [s.quantity for s in subs],
+        read_at,
+    )
+    removed = await conn.fetch(RESYNC_REMOVE, customer.user_id, ids, read_at)
+    await conn.execute(CLEAR_CUSTOMER_STALE, customer.user_id)
+    return Rewritten(
+        written=[r["stripe_subscription_id"] for r in written],
+        removed=sorted(r["stripe_subscription_id"] for r in removed),
+    )

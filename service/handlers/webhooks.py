@@ -1,0 +1,107 @@
+"""``POST /v1/stripe/webhooks``: Stripe's signed events, no bearer auth.
+
+The raw body is read once, within a size limit, because the signature covers
+the exact bytes Stripe sent; the use case in ``service/webhooks.py`` does the rest.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+from aiohttp_apigami import response_schema
+
+from service import keys
+from service.errors import PayloadTooLarge
+from service.handlers.openapi import docs, problem_response
+from service.middlewares import log_fields
+from service.schemas import WebhookReceiptSchema
+from service.webhooks import WebhookDeps, receive
+
+# Stripe event payloads are a few KiB, an invoice with many lines a few hundred.
+BODY_LIMIT = 1024 * 1024
+
+
+@docs(
+    tags=["webhooks"],
+    summary="Receive a Stripe event (subscription and customer changes)",
+    description=(
+        "Called by Stripe, not by our callers: no bearer token. The `Stripe-Signature` "
+        "header must carry a valid HMAC-SHA256 signature of the exact body under one of "
+        "the configured endpoint secrets, made within the last 5 minutes. A verified "
+        "event is answered 200 even when it changes nothing (a replay, an older event, "
+        "an unknown customer, an event type that is not handled)."
+    ),
+    parameters=[
+        {
+            "in": "header",
+            "name": "Stripe-Signature",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "`t=<unix time>,v1=<hex signature>[,v1=...]`",
+        },
+        {
+            "in": "header",
+            "name": "X-Request-ID",
+            "required": False,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+        },
+    ],
+    requestBody={
+        "required": True,
+        "description": "A Stripe event object, exactly as Stripe sent it.",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    security=[],
+    responses={
+        400: problem_response(
+            "`invalid_signature` (missing, malformed, wrong or expired signature), "
+            "`malformed_json`, `invalid_event`, `invalid_header`; nothing was applied"
+        ),
+        413: problem_response("`payload_too_large`"),
+        500: problem_response("`internal_error`"),
+        503: problem_response(
+            "`database_unavailable`, `overloaded`, `draining` (Stripe retries)",
+            retry_after=True,
+        ),
+    },
+)
+@response_schema(WebhookReceiptSchema, 200, description="The event was verified and recorded.")
+async def receive_stripe_event(request: web.Request) -> web.Response:
+    """Read the raw body once, hand it to the use case, acknowledge with 200."""
+    payload = await _read_body(request, BODY_LIMIT)
+    app = request.app
+    receipt = await receive(
+        WebhookDeps(app[keys.SETTINGS], app[keys.DB], app[keys.METRICS]),
+        payload,
+        request.headers.get("Stripe-Signature"),
+        request_id=request[keys.REQUEST_ID],
+        client_ip=request.remote,
+        user_agent=request.headers.get("User-Agent"),
+    )
+    log_fields(
+        request,
+        event_id=receipt.event_id,
+        event_type=receipt.event_type,
+        webhook_result=receipt.result,
+    )
+    body = {"received": True, "id": receipt.event_id, "result": receipt.result}
+    return web.Response(
+        status=200,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing it as soon as it is known to exceed ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(detail=f"The body must be at most {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(detail=f"The body must be at most {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
