@@ -27,7 +27,7 @@ run: venv
 	LOG_FORMAT="$${LOG_FORMAT:-console}" $(BIN)/portal-gateway demo
 
 test: venv
-	PG_ADMIN_URL="$$(scripts/postgres.sh url)" $(BIN)/pytest
+	PG_ADMIN_URL="$$(scripts/postgres.sh url)" $(BIN)/pytest -n 2
 
 # The Grafana dashboard and alert rules against a real Prometheus (installed
 # with apt when missing); also part of `make test`.
