@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.logs import configure, redact
+from service.logs import redact, set_format, tee
 from tests.conftest import LEAK_PATTERNS, STRIPE_TEST_KEY, Standin
 from tests.helpers import created, post_session, problem
 
@@ -20,15 +20,8 @@ pytestmark = pytest.mark.usefixtures("world")
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
     """A copy of every line the service logs during the test, formatted for production."""
-    root = logging.getLogger()
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(root.handlers[0].formatter)
-    root.addHandler(handler)
-    try:
+    with tee(io.StringIO()) as buffer:
         yield buffer
-    finally:
-        root.removeHandler(handler)
 
 
 def _lines(buffer: io.StringIO) -> list[dict[str, Any]]:
@@ -170,16 +163,13 @@ def test_stdlib_loggers_write_one_json_object_per_line(captured: io.StringIO) ->
 
 
 async def test_console_format_for_development(service: Any, token: str) -> None:
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    buffer = io.StringIO()
+    previous = set_format("console")
     try:
-        configure("INFO", "console", stream=buffer)
-        await created(await post_session(service, {"user_id": "u_42"}, token))
-        logging.getLogger("aiohttp.server").warning("slow client")
+        with tee(io.StringIO()) as buffer:
+            await created(await post_session(service, {"user_id": "u_42"}, token))
+            logging.getLogger("aiohttp.server").warning("slow client")
     finally:
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
+        set_format(previous)
     text = buffer.getvalue()
     assert text
     for line in text.splitlines():

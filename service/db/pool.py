@@ -59,6 +59,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset query (a round trip per release).
+
+    Our statements never leave session state behind (no SET, LISTEN, advisory
+    session locks or open cursors); asyncpg still rolls back a transaction left
+    open before calling this.
+    """
+
+
 class Database:
     """A pool plus per-query metrics and timeouts."""
 
@@ -89,6 +98,7 @@ class Database:
                     command_timeout=query_timeout,
                     timeout=query_timeout,
                     init=_init_connection,
+                    reset=_keep_session,
                 ),
                 timeout=query_timeout * 3,
             )
