@@ -45,6 +45,17 @@ migrate: venv
 pg-stop:
 	scripts/postgres.sh stop
 
+# The local stack of deploy/docker-compose.yml (README "Deploying"): needs a
+# Docker engine. `make down` keeps the database volume (`... down -v` drops it).
+COMPOSE := docker compose -f deploy/docker-compose.yml
+.PHONY: up down
+
+up:
+	$(COMPOSE) up --build --detach
+
+down:
+	$(COMPOSE) down
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,8 @@ async def measure(
                 text=True,
                 check=False,
             ).stdout
+            # CPython's build folder makes every line unreadable: shorten it.
+            text = re.sub(r"\S*/python-build[^ ]*?/Python-[0-9.]+/(\./)?", "cpython:", text)
             (RESULTS / f"callgrind-{name}.txt").write_text("\n".join(text.splitlines()[:80]) + "\n")
     finally:
         proc.stop(grace=60)

@@ -72,6 +72,16 @@ main() {
     prometheus=$(find_bin "${PROMETHEUS_BIN:-}" prometheus)
     promtool=$(find_bin "${PROMTOOL_BIN:-}" promtool)
     if [[ -z $prometheus || -z $promtool ]]; then
+        # Several test workers may find it missing at once (tests/test_dashboards.py,
+        # tests/test_deploy.py): one installs while the others wait, then find it.
+        if have flock; then
+            exec 9>/tmp/portal-gateway-prometheus-install.lock
+            flock -w 600 9 || die "timed out waiting for another install of Prometheus"
+        fi
+        prometheus=$(find_bin "${PROMETHEUS_BIN:-}" prometheus)
+        promtool=$(find_bin "${PROMTOOL_BIN:-}" promtool)
+    fi
+    if [[ -z $prometheus || -z $promtool ]]; then
         install_prometheus
         prometheus=$(find_bin "" prometheus)
         promtool=$(find_bin "" promtool)
