@@ -206,6 +206,7 @@ async def main_async(args: argparse.Namespace) -> int:
     service = results["service"]["batches"][-1]["per_request"]
     floor = results["floor"]["batches"][-1]["per_request"]
     summary = {
+        "commit": harness.git_commit(),
         "users": args.users,
         "requests_per_batch": args.requests,
         "concurrency": args.concurrency,

@@ -41,11 +41,19 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
         ("structlog/", "logging/", "service/logs.py"),
     ),
     ("metrics", "prometheus-client", ("prometheus_client/",)),
-    ("asyncpg", "asyncpg: protocol, pool acquire/release + reset, socket writes", ("asyncpg/",)),
+    (
+        "asyncpg",
+        "asyncpg: protocol, pool acquire/release (+ any reset), socket writes",
+        ("asyncpg/",),
+    ),
     ("jwt", "PyJWT, cryptography, hmac", ("jwt/", "cryptography/", "hmac.py")),
     ("aiohttp_client", "aiohttp client (the Stripe call), incl. its socket writes", ()),
     ("aiohttp_server", "aiohttp server: protocol, parser, request, response writes", ()),
-    ("service", "our own code (service/*.py), see the per-file lines", ("service/",)),
+    (
+        "service",
+        "our own code (service/*.py; for the floor, its handler in bench/)",
+        ("service/", "bench/", "floor.py", "scheme.py"),
+    ),
     ("event_loop", "asyncio/selectors with no library above them", ()),
     ("other", "anything else", ()),
 ]
@@ -140,12 +148,16 @@ def _frames(stack: str) -> list[tuple[str, str]]:
 def _classify(frames: list[tuple[str, str]]) -> tuple[str, str | None]:
     """(layer, service file) of one sample."""
     in_client = any(f.startswith(_CLIENT_FILES) for _, f in frames)
-    for _func, file in reversed(frames):
-        if file == "portal-gateway" or file.startswith("service/cli.py"):
+    for func, file in reversed(frames):
+        if (
+            file == "portal-gateway"
+            or file.startswith("service/cli.py")
+            or (file.endswith("floor.py") and func in ("<module>", "main", "serve"))
+        ):
             break  # the process's entry point: only the event loop was below
-        if file.startswith("aiohttp/"):
+        if file.startswith(("aiohttp/", "yarl/", "multidict/", "propcache/", "aiosignal/")):
             client = file.startswith(_CLIENT_FILES) or (
-                file.startswith(("aiohttp/http_writer.py", "aiohttp/streams.py")) and in_client
+                not file.startswith(("aiohttp/web", "aiohttp/http_parser")) and in_client
             )
             return ("aiohttp_client" if client else "aiohttp_server"), None
         layer = _layer_of(file)
@@ -226,6 +238,23 @@ def report(profile: Profile, *, cpu_us_per_request: float | None, top: int = 30)
     lines += ["", "Steps of a request (inclusive: with everything they call; they nest):"]
     for label, _, _ in STEPS:
         lines.append(row(profile.steps.get(label, 0), label))
+    return "\n".join(lines) + "\n"
+
+
+def layer_diff(service: Profile, service_cpu: float, floor: Profile, floor_cpu: float) -> str:
+    """Service minus floor, µs per request by layer: where the extra CPU goes."""
+    ns, nf = max(service.samples, 1), max(floor.samples, 1)
+    lines = [
+        "Service minus floor, by layer (µs/request = share × each one's CPU per request):",
+        f"{'service':>9} {'floor':>8} {'extra':>8}  layer",
+    ]
+    total = 0.0
+    for name, what, _ in LAYERS:
+        s = service.layers.get(name, 0) / ns * service_cpu
+        f = floor.layers.get(name, 0) / nf * floor_cpu
+        total += s - f
+        lines.append(f"{s:9.0f} {f:8.0f} {s - f:+8.0f}  {name:<15} {what}")
+    lines.append(f"{service_cpu:9.0f} {floor_cpu:8.0f} {total:+8.0f}  total")
     return "\n".join(lines) + "\n"
 
 

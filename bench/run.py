@@ -434,23 +434,64 @@ class Bench:
     # --- profile -------------------------------------------------------------
 
     async def profile(self, seconds: float) -> dict[str, Any] | None:
-        """py-spy on the service during a c=50 phase.
+        """py-spy on the service, then on the floor, each during a c=50 phase.
 
         py-spy counts a sample wherever the thread is not sleeping, so time spent
         *runnable but preempted* (on 2 cores, a send() that wakes Postgres often
         hands the CPU to it) would show up as CPU in whatever was on the stack
-        (transport.write). So for this phase the service gets CPU 0 alone and
+        (transport.write). So for these phases the target gets CPU 0 alone and
         everything else of ours (Postgres backends, stand-in, wrk, py-spy) CPU 1;
         the report compares the samples with the CPU time /proc counted.
+
+        ``profile.txt``: the service's profile, then service minus floor by layer
+        (where the extra CPU per request goes); ``profile-floor.txt``: the floor's.
         """
         pyspy = self.args.py_spy
         if not pyspy or not Path(pyspy).exists():
             log("py-spy not found: no profile")
             return None
-        target = self.targets["service"]
-        raw = RESULTS / "profile.collapsed"
+        taken = {}
+        for name in ("service", "floor"):
+            one = await self.profile_target(name, seconds)
+            if one is None:
+                return None
+            taken[name] = one
+        (svc, svc_result, svc_header), (flo, flo_result, flo_header) = (
+            taken["service"],
+            taken["floor"],
+        )
+        svc_cpu, flo_cpu = svc_result["cpu_us_per_request"], flo_result["cpu_us_per_request"]
+        (RESULTS / "profile-floor.txt").write_text(
+            flo_header + profile_report.report(flo, cpu_us_per_request=flo_cpu)
+        )
+        diff = profile_report.layer_diff(svc, svc_cpu, flo, flo_cpu)
+        (RESULTS / "profile.txt").write_text(
+            svc_header + profile_report.report(svc, cpu_us_per_request=svc_cpu) + "\n" + diff
+        )
+        n = max(svc.samples, 1)
+        return {
+            "scenario": svc_result["scenario"],
+            "samples": svc.samples,
+            "samples_expected_from_cpu": svc_result["expected"],
+            "cpu_us_per_request": svc_cpu,
+            "floor_cpu_us_per_request": flo_cpu,
+            "requests_per_s": svc_result["requests_per_s"],
+            "top_own": [[k, v / n] for k, v in svc.own.most_common(15)],
+            "top_cumulative": [[k, v / n] for k, v in svc.cumulative.most_common(15)],
+            "layers": {k: svc.layers.get(k, 0) / n for k, _, _ in profile_report.LAYERS},
+            "floor_layers": {
+                k: flo.layers.get(k, 0) / max(flo.samples, 1) for k, _, _ in profile_report.LAYERS
+            },
+            "steps": {k: svc.steps.get(k, 0) / n for k, _, _ in profile_report.STEPS},
+        }
+
+    async def profile_target(
+        self, name: str, seconds: float
+    ) -> tuple[profile_report.Profile, dict[str, Any], str] | None:
+        target = self.targets[name]
+        raw = RESULTS / ("profile.collapsed" if name == "service" else f"profile-{name}.collapsed")
         cmd = [
-            pyspy,
+            self.args.py_spy,
             "record",
             "--pid",
             str(target.proc.pid),
@@ -505,37 +546,27 @@ class Bench:
                     with contextlib.suppress(OSError):
                         os.sched_setaffinity(pid, everything)
         if spy.returncode != 0 or not raw.exists():
-            log(f"py-spy failed: {err.decode()[-500:]}")
+            log(f"py-spy failed on the {name}: {err.decode()[-500:]}")
             return None
         with raw.open() as lines:
             prof = profile_report.parse(lines)
-        text = profile_report.report(prof, cpu_us_per_request=result["cpu_us_per_request"])
         expected = (cpu1 - cpu0) / 1e6 * self.args.profile_rate
+        result["expected"] = expected
+        result["scenario"] = scenario.key
         header = (
-            f"py-spy profile of the service: {scenario.title}, {seconds:g} s at"
+            f"py-spy profile of the {name}: {scenario.title}, {seconds:g} s at"
             f" {self.args.profile_rate} Hz, {'native + ' if self.args.profile_native else ''}"
             f"Python frames; {result['answered']:.0f} requests at"
             f" {result['requests_per_s']:.0f} req/s"
-            f"{'; service pinned to CPU 0, the rest of the stack to CPU 1' if pinned else ''}.\n"
+            f"{f'; {name} pinned to CPU 0, the rest of the stack to CPU 1' if pinned else ''}.\n"
             f"Samples {prof.samples} vs {expected:.0f} expected from the CPU time /proc counted"
-            " (more samples = time runnable but not running, counted as CPU).\n"
+            " (more samples = time runnable but not running, counted as CPU: other\n"
+            f"processes on the machine took CPU 0 at times; other load"
+            f" {result['other_cpu_cores']:.2f} cores).\n"
             "Not a measured phase (the profiler runs); µs/request below are the shares"
             " times this phase's CPU per request.\n\n"
         )
-        (RESULTS / "profile.txt").write_text(header + text)
-        n = max(prof.samples, 1)
-        return {
-            "scenario": scenario.key,
-            "pinned": pinned,
-            "samples": prof.samples,
-            "samples_expected_from_cpu": expected,
-            "cpu_us_per_request": result["cpu_us_per_request"],
-            "requests_per_s": result["requests_per_s"],
-            "top_own": [[k, v / n] for k, v in prof.own.most_common(15)],
-            "top_cumulative": [[k, v / n] for k, v in prof.cumulative.most_common(15)],
-            "layers": {k: prof.layers.get(k, 0) / n for k, _, _ in profile_report.LAYERS},
-            "steps": {k: prof.steps.get(k, 0) / n for k, _, _ in profile_report.STEPS},
-        }
+        return prof, result, header
 
     # --- Postgres CPU per statement ------------------------------------------
 
@@ -799,26 +830,6 @@ def print_targets(result: dict[str, Any]) -> None:
             print(f"      {key}: {shown}")
 
 
-def git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=harness.ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "service"],
-            cwd=harness.ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return None
-
-
 async def main_async(args: argparse.Namespace) -> int:
     run_started = time.perf_counter()
     random.seed(args.seed)
@@ -900,6 +911,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
     scenario_results: list[dict[str, Any]] = []
     for scenario in scenarios:
+        if (scenario.key, "service") not in phases:
+            continue  # --reps 0: only the profile and the Postgres figures
         service = summarise(phases[(scenario.key, "service")])
         floor = summarise(phases[(scenario.key, "floor")])
         scenario_results.append(
@@ -963,7 +976,7 @@ async def main_async(args: argparse.Namespace) -> int:
     result = {
         "meta": {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "commit": git_commit(),
+            "commit": harness.git_commit(),
             "users": args.users,
             "reps": args.reps,
             "duration_s": args.duration,
@@ -985,8 +998,11 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, default=str)
-    (RESULTS / "latest.json").write_text(text)
-    (RESULTS / f"users-{args.users}.json").write_text(text)
+    if args.reps > 0:
+        (RESULTS / "latest.json").write_text(text)
+        (RESULTS / f"users-{args.users}.json").write_text(text)
+    else:
+        (RESULTS / "profile-run.json").write_text(text)
     if failures:
         print("\nFAILED requests:", file=sys.stderr)
         for line in failures:
@@ -998,7 +1014,12 @@ async def main_async(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--users", type=int, default=100_000, help="user mappings to load")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (medians)")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="repetitions (medians); 0: only round trips, statement costs and the profile",
+    )
     parser.add_argument("--duration", type=float, default=6.0, help="closed-loop phase, s")
     parser.add_argument("--open-duration", type=float, default=10.0, help="open-loop phase, s")
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop req/s (0: none)")
