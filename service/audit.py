@@ -50,9 +50,11 @@ class AuditEvent:
 
 
 def outcome_for(status: int) -> str:
-    """created / refused (the caller's problem) / failed (ours or Stripe's)."""
+    """created / refused (the caller's problem) / failed (ours or Stripe's) / abandoned."""
     if status < 400:
         return "created"
+    if status == 499:
+        return "abandoned"  # the caller hung up before the answer
     return "refused" if status < 500 else "failed"
 
 

@@ -34,9 +34,17 @@ _SECRET_PATTERNS = re.compile(
 REDACTED = "[REDACTED]"
 
 
+# Every pattern above contains one of these; plain substring tests are ~20x
+# cheaper than the regex scan, which then runs only on lines that might match.
+_MARKERS = ("sk_", "rk_", "whsec_", "pgw_", "eyJ", "billing.stripe.com", "earer", "EARER")
+
+
 def redact(value: str) -> str:
     """Mask secrets and portal URLs inside a string."""
-    return _SECRET_PATTERNS.sub(REDACTED, value)
+    for marker in _MARKERS:
+        if marker in value:
+            return _SECRET_PATTERNS.sub(REDACTED, value)
+    return value
 
 
 class _Output:

@@ -7,6 +7,7 @@ request id → access log + metrics → errors → load shedding → authenticat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -123,13 +124,14 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = await handler(request)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        status = 499  # the caller went away (nginx's "client closed request")
+        raise
     finally:
         metrics.http_in_flight.dec()
         elapsed = time.perf_counter() - started
         route = _route(request)
-        method = method_label(request.method)
-        metrics.http_requests.labels(method, route, str(status)).inc()
-        metrics.http_duration.labels(method, route).observe(elapsed)
+        metrics.observe_request(method_label(request.method), route, status, elapsed)
         principal = request.get(keys.PRINCIPAL)
         access_log.info(
             "request",
@@ -277,6 +279,13 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         event.duration_ms = (time.perf_counter() - started) * 1000
         await _record_quietly(request, event)
         raise
+    except asyncio.CancelledError:
+        # The caller hung up (aiohttp cancels the handler). Stripe may already
+        # have opened a session nobody will see: the row still gets written.
+        event.http_status, event.error_code = 499, "client_closed_request"
+        event.duration_ms = (time.perf_counter() - started) * 1000
+        await asyncio.shield(_record_quietly(request, event))
+        raise
     if error is not None:
         metrics.session_errors.labels(code=error.code).inc()
     event.duration_ms = (time.perf_counter() - started) * 1000
@@ -346,7 +355,12 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await request.content.readany()
+        try:
+            chunk = await request.content.readany()
+        except ConnectionResetError:
+            # The caller hung up mid-body: nobody will read the answer, but the
+            # request is still decided (and audited) as malformed, not as a crash.
+            raise BadRequest("malformed_json", "The request body ended early.") from None
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)

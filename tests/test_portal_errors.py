@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 from typing import Any
 
 import pytest
 
+from service.logs import tee
 from tests.conftest import Standin, create_client_token
 from tests.helpers import PATH, post_session, problem
 
@@ -293,3 +296,61 @@ async def test_wrong_method_is_problem_json(service: Any) -> None:
     resp = await service.get(PATH)
     await problem(resp, 405, "method_not_allowed")
     assert "POST" in resp.headers["Allow"]
+
+
+async def _metric(service: Any, needle: str) -> bool:
+    return needle in await (await service.get("/metrics")).text()
+
+
+async def _send_partial_body(service: Any, token: str) -> asyncio.StreamWriter:
+    _, writer = await asyncio.open_connection(service.host, service.port)
+    writer.write(
+        (
+            f"POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            '{"user_id": "u_'
+        ).encode()
+    )
+    await writer.drain()
+    return writer
+
+
+async def test_caller_hanging_up_mid_body_is_decided_not_crashed(
+    service: Any, token: str, conn: Any
+) -> None:
+    with tee(io.StringIO()) as log:
+        writer = await _send_partial_body(service, token)
+        # Once the token lookup has run, the service is waiting for the rest of the body.
+        needle = 'portal_gateway_db_query_duration_seconds_count{query="find_client"} 1.0'
+        for _ in range(200):
+            if await _metric(service, needle):
+                break
+            await asyncio.sleep(0.01)
+        writer.transport.abort()  # RST, not a clean close
+        row = None
+        for _ in range(200):  # bounded poll: the row is written after the hang-up
+            row = await conn.fetchrow("SELECT http_status, error_code FROM audit_events")
+            if row is not None:
+                break
+            await asyncio.sleep(0.01)
+    assert row is not None, log.getvalue()
+    # aiohttp either cancels the handler (499) or fails the read (400): both are recorded.
+    assert (row["http_status"], row["error_code"]) in (
+        (499, "client_closed_request"),
+        (400, "malformed_json"),
+    )
+    assert "unhandled_exception" not in log.getvalue()
+
+
+async def test_caller_hanging_up_at_once_is_logged_as_499(service: Any, token: str) -> None:
+    with tee(io.StringIO()) as log:
+        writer = await _send_partial_body(service, token)
+        writer.transport.abort()
+        needle = 'status="499"'
+        for _ in range(200):
+            if await _metric(service, needle) or '"status":400' in log.getvalue():
+                break
+            await asyncio.sleep(0.01)
+    text = log.getvalue()
+    assert '"status":500' not in text
+    assert "unhandled_exception" not in text
