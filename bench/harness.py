@@ -252,10 +252,10 @@ def service_env(data: Data, port: int, standin_port: int) -> dict[str, str]:
         "JWT_AUDIENCE": scheme.JWT_AUDIENCE,
         "END_USER_RATE_LIMIT_PER_MINUTE": "1000000",
         "MAX_IN_FLIGHT": "10000",
-        # Pool matched to the load: at c=200 ten connections queue past the
+        # Pool matched to the load: at c=200 ten (or twenty) connections queue past the
         # acquire bound while the event loop is saturated.
         "DB_POOL_MIN_SIZE": "10",
-        "DB_POOL_MAX_SIZE": "20",
+        "DB_POOL_MAX_SIZE": "40",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
