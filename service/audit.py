@@ -58,7 +58,8 @@ def outcome_for(status: int) -> str:
     return "refused" if status < 500 else "failed"
 
 
-def _clean_ip(value: str | None) -> str | None:
+def clean_ip(value: str | None) -> str | None:
+    """The address as Postgres' inet takes it, or None if it is not one."""
     if not value:
         return None
     try:
@@ -73,7 +74,7 @@ _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(AuditEvent))
 async def record(db: Database, metrics: Metrics, event: AuditEvent) -> None:
     """Write the row, then the log line. Raise DatabaseUnavailable if the row failed."""
     event.outcome = outcome_for(event.http_status)
-    event.client_ip = _clean_ip(event.client_ip)
+    event.client_ip = clean_ip(event.client_ip)
     if event.user_agent is not None:
         event.user_agent = event.user_agent[:512]
     # A shallow copy: dataclasses.asdict deep-copies, a measurable cost per request.

@@ -32,23 +32,13 @@ from service.db.imports import (
 )
 from service.db.pool import Database
 from service.return_urls import ReturnUrlMalformed, ReturnUrlNotAllowed, check_return_url
-from service.schemas import LOCALES
+from service.schemas import LOCALES, SUBSCRIPTION_STATUSES
 
 R = TypeVar("R")
 
 MAX_NAME_LENGTH = 128  # user ids and names, as the API accepts them
 MAX_ID_LENGTH = 255  # Stripe ids and external refs
 MAX_QUANTITY = 2**31 - 1  # the column is a Postgres integer
-SUBSCRIPTION_STATUSES = (
-    "incomplete",
-    "incomplete_expired",
-    "trialing",
-    "active",
-    "past_due",
-    "canceled",
-    "unpaid",
-    "paused",
-)
 OFFER_KINDS = ("coupon", "promotion_code")
 BOOLEANS = {"true": True, "false": False}
 # Stripe ids are a prefix and an alphanumeric tail; we also accept "_" in the

@@ -18,6 +18,17 @@ FLOW_TYPES = (
 )
 SUBSCRIPTION_FLOWS = frozenset(FLOW_TYPES[1:])
 AFTER_COMPLETION_TYPES = ("portal_homepage", "hosted_confirmation", "redirect")
+# Stripe's subscription statuses (the schema's check constraint lists the same).
+SUBSCRIPTION_STATUSES = (
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "active",
+    "past_due",
+    "canceled",
+    "unpaid",
+    "paused",
+)
 # Stripe's locale values for API version 2025-09-30.clover.
 LOCALES = (
     "auto",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,13 +24,14 @@ from typing import Any
 import orjson
 import structlog
 
-from service.audit import AuditEvent
+from service.audit import AuditEvent, clean_ip
 from service.config import Secret, Settings
 from service.db import webhooks as wdb
 from service.db.pool import Database
 from service.db.webhooks import SubscriptionState
 from service.errors import BadRequest
 from service.metrics import Metrics
+from service.schemas import SUBSCRIPTION_STATUSES
 
 log = structlog.get_logger("app")
 audit_log = structlog.get_logger("audit")
@@ -48,19 +48,6 @@ SUBSCRIPTION_EVENTS = frozenset(
 )
 CUSTOMER_DELETED = "customer.deleted"
 HANDLED_EVENTS = SUBSCRIPTION_EVENTS | {CUSTOMER_DELETED}
-# The statuses our schema (and Stripe's API version) know.
-SUBSCRIPTION_STATUSES = frozenset(
-    {
-        "incomplete",
-        "incomplete_expired",
-        "trialing",
-        "active",
-        "past_due",
-        "canceled",
-        "unpaid",
-        "paused",
-    }
-)
 # Metric label for requests refused before the event could be read.
 UNVERIFIED = "unverified"
 
@@ -331,7 +318,7 @@ async def _apply(
             result = "unhandled"
         if audit is not None:
             audit.request_id = request_id
-            audit.client_ip = _clean_ip(client_ip)
+            audit.client_ip = clean_ip(client_ip)
             audit.user_agent = user_agent[:512] if user_agent else None
             audit.duration_ms = (time.perf_counter() - started) * 1000
             await wdb.insert_audit(conn, audit)
@@ -411,12 +398,3 @@ def _audit(
         stripe_request_id=event.request_id,
         detail={"event_type": event.type, "event_created": int(event.created.timestamp())} | detail,
     )
-
-
-def _clean_ip(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        return None
