@@ -252,10 +252,14 @@ def service_env(data: Data, port: int, standin_port: int) -> dict[str, str]:
         "JWT_AUDIENCE": scheme.JWT_AUDIENCE,
         "END_USER_RATE_LIMIT_PER_MINUTE": "1000000",
         "MAX_IN_FLIGHT": "10000",
-        # Pool matched to the load: at c=200 ten (or twenty) connections queue past the
-        # acquire bound while the event loop is saturated.
+        # Pool matched to the load. A closed loop at c=200 runs the service past
+        # its capacity with nothing shed, so requests queue for the event loop
+        # and a pooled connection; with the 1.5 s default bound a few of them
+        # (1 in ~10,000) were refused as database_unavailable. The bound is for
+        # outages, not for queueing, so the bench gives it room.
         "DB_POOL_MIN_SIZE": "10",
         "DB_POOL_MAX_SIZE": "40",
+        "DB_TIMEOUT_SECONDS": "5",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
