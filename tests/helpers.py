@@ -64,7 +64,7 @@ async def problem(resp: ClientResponse, status: int, code: str) -> dict[str, Any
 # --- Stripe webhooks ---------------------------------------------------------
 
 WEBHOOK_PATH = "/v1/stripe/webhooks"
-WEBHOOK_SECRET = "whsec_testcurrent0123456789"
+WEBHOOK_SECRET = "whsec_test_current_0123456789"
 _event_ids = itertools.count(1)
 
 

@@ -591,7 +591,7 @@ async def test_unknown_route_is_a_stripe_404(client: Client) -> None:
         ({}, "You did not provide an API key."),
         ({"Authorization": "Bearer "}, "You did not provide an API key."),
         (
-            {"Authorization": "Bearer sk_live_51SecretLiveKey1234567890"},
+            {"Authorization": "Bearer sk_live_FAKE_not_a_real_key_7890"},
             "Invalid API Key provided: ",
         ),
         (
@@ -619,7 +619,7 @@ async def test_bad_or_missing_key_is_401(
 
 
 def test_keys_are_masked_like_stripe() -> None:
-    assert mask_api_key("sk_live_51SecretLiveKey1234567890") == "sk_live_" + "*" * 21 + "7890"
+    assert mask_api_key("sk_live_FAKE_not_a_real_key_7890") == "sk_live_" + "*" * 20 + "7890"
     assert mask_api_key("sk_live_short") == "sk_live_*****"
     assert mask_api_key("whatever") == "********"
 

@@ -34,7 +34,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.usefixtures("world")
 
-OLD_SECRET = "whsec_testprevious9876543210"
+OLD_SECRET = "whsec_test_previous_9876543210"
 CREATED = "customer.subscription.created"
 UPDATED = "customer.subscription.updated"
 DELETED = "customer.subscription.deleted"
