@@ -151,29 +151,35 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $
 """
 
 
-async def insert_audit(db: Database, e: Any) -> None:
+AUDIT_FIELDS = (
+    "occurred_at",
+    "request_id",
+    "principal_type",
+    "principal_id",
+    "user_id",
+    "action",
+    "flow",
+    "outcome",
+    "http_status",
+    "error_code",
+    "stripe_customer_id",
+    "stripe_session_id",
+    "stripe_request_id",
+    "client_ip",
+    "user_agent",
+    "duration_ms",
+    "detail",
+)
+
+
+def audit_args(event: Any) -> list[Any]:
+    """INSERT_AUDIT's parameters from an ``audit.AuditEvent``, in column order."""
+    return [getattr(event, name) for name in AUDIT_FIELDS]
+
+
+async def insert_audit(db: Database, event: Any) -> None:
     """Append one audit event (an ``audit.AuditEvent``)."""
-    await db.execute(
-        "insert_audit",
-        INSERT_AUDIT,
-        e.occurred_at,
-        e.request_id,
-        e.principal_type,
-        e.principal_id,
-        e.user_id,
-        e.action,
-        e.flow,
-        e.outcome,
-        e.http_status,
-        e.error_code,
-        e.stripe_customer_id,
-        e.stripe_session_id,
-        e.stripe_request_id,
-        e.client_ip,
-        e.user_agent,
-        e.duration_ms,
-        e.detail,
-    )
+    await db.execute("insert_audit", INSERT_AUDIT, *audit_args(event))
 
 
 # --- operations ----------------------------------------------------------

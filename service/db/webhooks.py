@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
+from service.db import queries
 from service.db.pool import Database
 
 # What ``Database.connection()`` yields; every function here runs inside the
@@ -174,37 +175,10 @@ async def delete_customer(conn: Conn, stripe_customer_id: str) -> tuple[str, lis
 
 # --- audit inside the caller's transaction ----------------------------------
 
-INSERT_AUDIT = """
-INSERT INTO audit_events (
-    occurred_at, request_id, principal_type, principal_id, user_id, action, flow, outcome,
-    http_status, error_code, stripe_customer_id, stripe_session_id, stripe_request_id,
-    client_ip, user_agent, duration_ms, detail)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-"""
-_AUDIT_FIELDS = (
-    "occurred_at",
-    "request_id",
-    "principal_type",
-    "principal_id",
-    "user_id",
-    "action",
-    "flow",
-    "outcome",
-    "http_status",
-    "error_code",
-    "stripe_customer_id",
-    "stripe_session_id",
-    "stripe_request_id",
-    "client_ip",
-    "user_agent",
-    "duration_ms",
-    "detail",
-)
-
 
 async def insert_audit(conn: Conn, event: Any) -> None:
     """Append an ``audit.AuditEvent`` in the same transaction as the change it records."""
-    await conn.execute(INSERT_AUDIT, *(getattr(event, name) for name in _AUDIT_FIELDS))
+    await conn.execute(queries.INSERT_AUDIT, *queries.audit_args(event))
 
 
 # --- stale marks -------------------------------------------------------------
