@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 import aiohttp_apigami
 import aiohttp_cors
 from aiohttp import web
-from aiohttp_apigami.constants import APISPEC_PARSER
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from service import keys
 from service.auth import Authenticator
 from service.config import Settings
-from service.db import queries
+from service.db import deployment, resolve
 from service.db.pool import Database
 from service.errors import DatabaseUnavailable
 from service.handlers import health, openapi, portal_sessions, webhooks
@@ -24,11 +23,7 @@ from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middlewares import (
     access_middleware,
-    audit_middleware,
-    auth_middleware,
     error_middleware,
-    json_body_middleware,
-    limits_middleware,
     request_id_middleware,
     shed_middleware,
 )
@@ -36,7 +31,6 @@ from service.migrations import head_revision
 from service.portal import PortalDeps
 from service.ratelimit import RateLimiter
 from service.stripe import StripeClient
-from service.validation import BodyParser
 from service.version import VERSION
 
 # Webhook payloads can be larger than API bodies; API routes enforce 16 KiB themselves.
@@ -56,11 +50,6 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
             access_middleware,
             error_middleware,
             shed_middleware,
-            auth_middleware,
-            audit_middleware,
-            limits_middleware,
-            json_body_middleware,
-            aiohttp_apigami.validation_middleware,
         ],
     )
     app[keys.SETTINGS] = settings
@@ -121,8 +110,6 @@ def _setup_openapi(app: web.Application) -> None:
         },
     )
     openapi.register_components(apispec.spec)
-    # Our parser validates the body the JSON guard already read and limited.
-    app[APISPEC_PARSER] = BodyParser()
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -136,10 +123,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         app[keys.LIFECYCLE].migrations_head = head_revision()
-        revision = await queries.current_revision(db)
+        revision = await deployment.current_revision(db)
         if revision is None:
             raise StartupError("the database is not migrated: run `portal-gateway migrate`")
-        db_livemode = await queries.record_mode(db, settings.livemode)
+        db_livemode = await deployment.record_mode(db, settings.livemode)
         if db_livemode != settings.livemode:
             mode = "live" if db_livemode else "test"
             raise StartupError(
@@ -160,7 +147,6 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
             jwt_keys = JwtKeys(settings, session) if settings.jwt_enabled else None
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise StartupError(f"JWT_PUBLIC_KEY_FILE: not a usable public key ({exc})") from None
-        app[keys.HTTP_SESSION] = session
         stripe = StripeClient(session, settings, app[keys.METRICS])
         app[keys.STRIPE] = stripe
         app[keys.AUTHENTICATOR] = Authenticator(settings, app[keys.DB], jwt_keys)
@@ -181,7 +167,7 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
         while True:
             # During an outage the next round tries again; readiness reports it.
             with contextlib.suppress(DatabaseUnavailable):
-                await queries.purge_expired_idempotency_keys(db)
+                await resolve.purge_expired_idempotency_keys(db)
             await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL)
 
     task = asyncio.create_task(purge_forever(), name="purge-idempotency-keys")

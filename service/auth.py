@@ -15,7 +15,7 @@ from typing import Any
 import jwt
 
 from service.config import Settings
-from service.db import queries
+from service.db import clients
 from service.db.pool import Database
 from service.errors import Unauthenticated
 from service.jwt_keys import JwtKeys
@@ -82,7 +82,7 @@ class Authenticator:
         return await self._end_user(token)
 
     async def _client(self, token: str) -> Principal:
-        row = await queries.find_client(self._db, hash_token(token))
+        row = await clients.find_client(self._db, hash_token(token))
         if row is None:
             raise Unauthenticated("unknown_token")
         return Principal("client", row.name, frozenset(row.scopes), row.rate_limit_per_minute)

@@ -22,7 +22,7 @@ from service import keys, logs
 from service.app import StartupError, create_app
 from service.auth import SCOPE_CREATE_SESSIONS, generate_client_token, hash_token
 from service.config import ConfigError, Settings
-from service.db import admin
+from service.db import clients, deployment
 from service.db.pool import UNAVAILABLE_ERRORS, Database
 from service.errors import DatabaseUnavailable
 
@@ -121,7 +121,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 async def _ensure_database(url: str) -> None:
     try:
-        await admin.ensure_database(url)
+        await deployment.ensure_database(url)
     except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
         # Another replica's `migrate` created it between our check and our CREATE
         # (Postgres reports that race as a unique violation on pg_database).
@@ -138,7 +138,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
         created = _run(
             lambda: _with_db(
                 settings,
-                lambda db: admin.create_client(
+                lambda db: clients.create_client(
                     db, args.name, hash_token(token), scopes, args.rate_limit
                 ),
             )
@@ -149,12 +149,12 @@ def cmd_clients(args: argparse.Namespace) -> int:
         print(token)
         return 0
     if args.clients_command == "list":
-        clients = _run(lambda: _with_db(settings, admin.list_clients))
-        for c in clients:
+        found = _run(lambda: _with_db(settings, clients.list_clients))
+        for c in found:
             state = f"revoked {c.revoked_at.isoformat()}" if c.revoked_at else "active"
             print(f"{c.name}\t{','.join(c.scopes)}\t{c.rate_limit_per_minute}/min\t{state}")
         return 0
-    revoked = _run(lambda: _with_db(settings, lambda db: admin.revoke_client(db, args.name)))
+    revoked = _run(lambda: _with_db(settings, lambda db: clients.revoke_client(db, args.name)))
     if not revoked:
         raise CliError(f"no active client named {args.name!r}")
     return 0

@@ -20,7 +20,8 @@ from service import logs, migrations
 from service.app import create_app
 from service.auth import generate_client_token, hash_token
 from service.config import Secret, Settings
-from service.db import admin
+from service.db import clients, deployment
+from service.db import demo as demo_db
 from service.db.pool import Database
 
 DEMO_ORIGIN = "https://app.example.com"
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
 
     url = settings.database_url.reveal()
-    asyncio.run(admin.ensure_database(url))
+    asyncio.run(deployment.ensure_database(url))
     migrations.upgrade(url)
     asyncio.run(_serve(settings, use_standin, args.standin_port))
     return 0
@@ -56,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
 async def _prepare(settings: Settings) -> str:
     db = await Database.connect(settings.database_url.reveal(), min_size=1, max_size=2)
     try:
-        await admin.seed_demo(db, DEMO_RETURN_URL)
-        await admin.revoke_client(db, DEMO_CLIENT)
-        await admin.forget_revoked_client(db, DEMO_CLIENT)
+        await demo_db.seed_demo(db, DEMO_RETURN_URL)
+        await clients.revoke_client(db, DEMO_CLIENT)
+        await clients.forget_revoked_client(db, DEMO_CLIENT)
         token = generate_client_token()
-        await admin.create_client(
+        await clients.create_client(
             db, DEMO_CLIENT, hash_token(token), ["portal_sessions:create"], 600
         )
         return token

@@ -30,9 +30,9 @@ from service.db.imports import (
     Refused,
     SubscriptionRow,
 )
-from service.db.pool import Database
+from service.db.pool import Connection, Database
+from service.domain import LOCALES, SUBSCRIPTION_STATUSES
 from service.return_urls import ReturnUrlMalformed, ReturnUrlNotAllowed, check_return_url
-from service.schemas import LOCALES, SUBSCRIPTION_STATUSES
 
 R = TypeVar("R")
 
@@ -274,7 +274,7 @@ class _Parsed(Generic[R]):
         return self.lines[self.index[columns][key]]
 
 
-Check = Callable[[imports.Connection, _Parsed[Any]], Awaitable[list[_Problem]]]
+Check = Callable[[Connection, _Parsed[Any]], Awaitable[list[_Problem]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,11 +284,11 @@ class _Kind(Generic[R]):
     columns: tuple[str, ...]
     parse: Callable[[list[str], Settings], R]
     keys: tuple[_Key, ...]
-    write: Callable[[imports.Connection, Sequence[R]], Awaitable[int]]
+    write: Callable[[Connection, Sequence[R]], Awaitable[int]]
     check: Check | None = None
 
 
-async def _check_customers(conn: imports.Connection, parsed: _Parsed[Any]) -> list[_Problem]:
+async def _check_customers(conn: Connection, parsed: _Parsed[Any]) -> list[_Problem]:
     problems: list[_Problem] = []
     portals = parsed.index[("portal",)]
     for name in await imports.missing_profiles(conn, [k[0] for k in portals]):
@@ -321,7 +321,7 @@ async def _check_customers(conn: imports.Connection, parsed: _Parsed[Any]) -> li
     return problems
 
 
-async def _check_subscriptions(conn: imports.Connection, parsed: _Parsed[Any]) -> list[_Problem]:
+async def _check_subscriptions(conn: Connection, parsed: _Parsed[Any]) -> list[_Problem]:
     problems: list[_Problem] = []
     users = parsed.index[("user_id",)]
     for user in await imports.missing_customers(conn, [k[0] for k in users]):

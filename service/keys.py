@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from service.audit import AuditEvent
     from service.auth import Authenticator, Principal
     from service.config import Settings
     from service.db.pool import Database
@@ -21,7 +19,6 @@ if TYPE_CHECKING:
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 DB: web.AppKey[Database] = web.AppKey("db")
-HTTP_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("http_session")
 STRIPE: web.AppKey[StripeClient] = web.AppKey("stripe")
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
@@ -30,7 +27,5 @@ PORTAL: web.AppKey[PortalDeps] = web.AppKey("portal")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")
-AUDIT: web.RequestKey[AuditEvent] = web.RequestKey("audit")
-JSON_BODY: web.RequestKey[Any] = web.RequestKey("json_body")
 # Canonical-log fields a handler learns (flow, user, upstream request id, attempts).
 LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields")

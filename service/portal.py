@@ -2,13 +2,12 @@
 
 Reads top to bottom: who is the target user → check return URLs → resolve our
 ids to Stripe ids (one round trip) → build Stripe's params → call Stripe.
-It knows nothing of HTTP; the handler and middlewares around it do auth,
-validation, audit and the response.
+It knows nothing of HTTP; the protected pipeline and the handler around it do
+auth, validation, audit and the response.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -19,9 +18,9 @@ import orjson
 from service.audit import AuditEvent
 from service.auth import Principal
 from service.config import Settings
-from service.db import queries
-from service.db import webhooks as mapping_db
+from service.db import mappings, resolve
 from service.db.pool import Database
+from service.domain import OPEN_STATUSES, SUBSCRIPTION_FLOWS
 from service.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -32,10 +31,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.return_urls import ReturnUrlMalformed, ReturnUrlNotAllowed, check_return_url
-from service.schemas import SUBSCRIPTION_FLOWS
 from service.stripe import PortalSession, StripeClient, upstream_error_code
-
-OPEN_STATUSES = frozenset({"active", "trialing", "past_due"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +74,7 @@ async def open_portal_session(
     if idempotency_key is not None:
         claim = _idempotency_claim(principal, idempotency_key, user_id, body, settings)
     offer_name = flow.get("retention_offer") or flow.get("discount") if flow else None
-    row = await queries.resolve(
+    row = await resolve.resolve(
         deps.db,
         user_id=user_id,
         portal=body.get("portal"),
@@ -149,7 +145,7 @@ async def _mark_stale(
         return  # a price, coupon or configuration: not a customer or subscription mapping
     kind, stripe_id = target
     try:
-        newly_marked = await mapping_db.mark_stale(deps.db, kind, user_id, stripe_id)
+        newly_marked = await mappings.mark_stale(deps.db, kind, user_id, stripe_id)
     except DatabaseUnavailable:
         newly_marked = False  # the caller still gets the 502; the next refusal marks it
     if newly_marked:
@@ -213,14 +209,14 @@ def _check_return_urls(settings: Settings, body: dict[str, Any]) -> None:
 
 def _idempotency_claim(
     principal: Principal, key: str, user_id: str, body: dict[str, Any], settings: Settings
-) -> queries.IdempotencyClaim:
+) -> resolve.IdempotencyClaim:
     request_hash = hashlib.sha256(
         orjson.dumps({"user_id": user_id, "body": body}, option=orjson.OPT_SORT_KEYS)
     ).digest()
     # Derived from principal + key + a fresh nonce: two callers never share an
     # upstream key, and a key reused after its TTL gets a new session.
     upstream_key = hashlib.sha256(f"{principal.key}\0{key}\0{uuid.uuid4()}".encode()).hexdigest()
-    return queries.IdempotencyClaim(
+    return resolve.IdempotencyClaim(
         principal.key, key, request_hash, upstream_key, settings.idempotency_ttl_seconds
     )
 
@@ -313,8 +309,3 @@ def _offer(row: dict[str, Any], name: str, path: str, *, coupon_only: bool) -> t
         )
     kind = "coupon" if row["offer_kind"] == "coupon" else "promotion_code"
     return kind, row["offer_stripe_id"]
-
-
-def deadline_from_now(settings: Settings) -> float:
-    """The loop time by which the whole request must be answered."""
-    return asyncio.get_running_loop().time() + settings.request_deadline_seconds

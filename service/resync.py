@@ -19,17 +19,16 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from service.audit import AuditEvent
+from service import audit
+from service.audit import ACTION_MAPPING_RESYNC, AuditEvent
 from service.config import ConfigError, Settings
-from service.db import queries
-from service.db import webhooks as mapping_db
+from service.db import deployment, mappings
+from service.db.mappings import CustomerMapping
 from service.db.pool import Database
-from service.db.webhooks import CustomerMapping, SubscriptionState
+from service.domain import SubscriptionState, subscription_state
 from service.errors import ServiceError
 from service.stripe import StripeClient, upstream_error_code
-from service.webhooks import subscription_state
 
-ACTION_MAPPING_RESYNC = "mapping.resync"
 # Users resynced at once by --all: Stripe's rate limit is 25 requests/s in
 # test mode and 100/s live, shared with the serving replicas.
 ALL_CONCURRENCY = 4
@@ -57,7 +56,7 @@ class Summary:
 async def resync_user(db: Database, stripe: StripeClient, user_id: str) -> UserResynced:
     """Rewrite one user's subscription rows from Stripe."""
     async with db.connection() as conn:
-        customer = await mapping_db.find_customer(conn, user_id)
+        customer = await mappings.find_customer(conn, user_id)
     if customer is None:
         raise ResyncFailed(f"{user_id}: no customer is mapped for this user")
     return await _resync(db, stripe, customer)
@@ -74,7 +73,7 @@ async def _resync(db: Database, stripe: StripeClient, customer: CustomerMapping)
         listed = await stripe.list_subscriptions(stripe_id)
     except ServiceError as exc:
         if upstream_error_code(exc) == "resource_missing":
-            await mapping_db.mark_stale(db, "customer", user_id, stripe_id)
+            await mappings.mark_stale(db, "customer", user_id, stripe_id)
             raise ResyncFailed(
                 f"{user_id}: Stripe has no customer {stripe_id}; the mapping is marked stale"
             ) from None
@@ -97,21 +96,20 @@ async def _resync(db: Database, stripe: StripeClient, customer: CustomerMapping)
 
 async def _rewrite(
     db: Database, customer: CustomerMapping, subs: list[SubscriptionState], read_at: datetime
-) -> mapping_db.Rewritten:
+) -> mappings.Rewritten:
     user_id, stripe_id = customer.user_id, customer.stripe_customer_id
     async with db.connection() as conn, conn.transaction():
-        rewritten = await mapping_db.rewrite_subscriptions(conn, customer, subs, read_at)
+        rewritten = await mappings.rewrite_subscriptions(conn, customer, subs, read_at)
         if rewritten is None:
             raise ResyncFailed(f"{user_id}: the customer mapping changed meanwhile; run it again")
-        await mapping_db.insert_audit(
+        await audit.emit(
             conn,
+            None,
             AuditEvent(
                 request_id=uuid.uuid4().hex,
                 principal_type="cli",
                 principal_id="resync",
                 action=ACTION_MAPPING_RESYNC,
-                client_ip=None,
-                user_agent=None,
                 user_id=user_id,
                 outcome="applied",
                 http_status=200,
@@ -147,7 +145,7 @@ async def resync_all(db: Database, stripe: StripeClient, report: Callable[[str],
     after = ""
     while True:
         async with db.connection() as conn:
-            page = await mapping_db.customers_after(conn, after, _PAGE)
+            page = await mappings.customers_after(conn, after, _PAGE)
         if not page:
             return summary
         await asyncio.gather(*(one(c) for c in page))
@@ -161,7 +159,7 @@ async def run(settings: Settings, user_id: str | None, report: Callable[[str], N
     )
     session = StripeClient.new_session(settings)
     try:
-        if await queries.record_mode(db, settings.livemode) != settings.livemode:
+        if await deployment.record_mode(db, settings.livemode) != settings.livemode:
             mode = "test" if settings.livemode else "live"
             raise ConfigError("STRIPE_API_KEY", f"the database maps {mode}-mode Stripe ids")
         stripe = StripeClient(session, settings, None)

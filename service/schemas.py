@@ -10,82 +10,8 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-FLOW_TYPES = (
-    "payment_method_update",
-    "subscription_cancel",
-    "subscription_update",
-    "subscription_update_confirm",
-)
-SUBSCRIPTION_FLOWS = frozenset(FLOW_TYPES[1:])
-AFTER_COMPLETION_TYPES = ("portal_homepage", "hosted_confirmation", "redirect")
-# Stripe's subscription statuses (the schema's check constraint lists the same).
-SUBSCRIPTION_STATUSES = (
-    "incomplete",
-    "incomplete_expired",
-    "trialing",
-    "active",
-    "past_due",
-    "canceled",
-    "unpaid",
-    "paused",
-)
-# Stripe's locale values for API version 2025-09-30.clover.
-LOCALES = (
-    "auto",
-    "bg",
-    "cs",
-    "da",
-    "de",
-    "el",
-    "en",
-    "en-AU",
-    "en-CA",
-    "en-GB",
-    "en-IE",
-    "en-IN",
-    "en-NZ",
-    "en-SG",
-    "es",
-    "es-419",
-    "et",
-    "fi",
-    "fil",
-    "fr",
-    "fr-CA",
-    "hr",
-    "hu",
-    "id",
-    "it",
-    "ja",
-    "ko",
-    "lt",
-    "lv",
-    "ms",
-    "mt",
-    "nb",
-    "nl",
-    "pl",
-    "pt",
-    "pt-BR",
-    "ro",
-    "ru",
-    "sk",
-    "sl",
-    "sv",
-    "th",
-    "tr",
-    "vi",
-    "zh",
-    "zh-HK",
-    "zh-TW",
-)
-# Which optional flow fields each flow type accepts.
-FLOW_FIELDS: dict[str, frozenset[str]] = {
-    "payment_method_update": frozenset(),
-    "subscription_cancel": frozenset({"subscription", "retention_offer"}),
-    "subscription_update": frozenset({"subscription"}),
-    "subscription_update_confirm": frozenset({"subscription", "plan", "quantity", "discount"}),
-}
+from service.domain import AFTER_COMPLETION_TYPES, FLOW_FIELDS, FLOW_TYPES, LOCALES
+
 NOT_VALID_FOR_FLOW = "Not allowed for this flow type."
 
 

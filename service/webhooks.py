@@ -2,8 +2,8 @@
 
 Reads top to bottom: check ``Stripe-Signature`` against every configured
 secret → parse the event → in one transaction claim its id (a replay changes
-nothing), apply it (ordering is left to the SQL in ``db/webhooks.py``), write
-the audit row → count it. It knows nothing of HTTP beyond the errors it raises;
+nothing), apply it (ordering is left to the SQL in ``db/mappings.py``), emit
+the audit event → count it. It knows nothing of HTTP beyond the errors it raises;
 ``handlers/webhooks.py`` reads the body and writes the answer.
 
 Anything Stripe sent and signed that we cannot use (an unknown customer, an
@@ -17,24 +17,28 @@ import hashlib
 import hmac
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
 
-from service.audit import AuditEvent, clean_ip
+from service import audit
+from service.audit import (
+    ACTION_MAPPING_CREATE,
+    ACTION_MAPPING_DELETE,
+    ACTION_MAPPING_UPDATE,
+    AuditEvent,
+)
 from service.config import Secret, Settings
-from service.db import webhooks as wdb
-from service.db.pool import Database
-from service.db.webhooks import SubscriptionState
+from service.db import events, mappings
+from service.db.pool import Connection, Database
+from service.domain import SubscriptionState, stripe_id, subscription_state
 from service.errors import BadRequest
 from service.metrics import Metrics
-from service.schemas import SUBSCRIPTION_STATUSES
 
 log = structlog.get_logger("app")
-audit_log = structlog.get_logger("audit")
 
 SIGNATURE_TOLERANCE_SECONDS = 300
 SUBSCRIPTION_EVENTS = frozenset(
@@ -52,9 +56,6 @@ HANDLED_EVENTS = SUBSCRIPTION_EVENTS | {CUSTOMER_DELETED}
 UNVERIFIED = "unverified"
 
 PRINCIPAL_STRIPE = "stripe"
-ACTION_MAPPING_CREATE = "mapping.create"
-ACTION_MAPPING_UPDATE = "mapping.update"
-ACTION_MAPPING_DELETE = "mapping.delete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,51 +195,6 @@ def _invalid(why: str) -> BadRequest:
     return BadRequest("invalid_event", f"Not a Stripe event: {why}.")
 
 
-def subscription_state(obj: dict[str, Any]) -> SubscriptionState | None:
-    """A Stripe subscription object as a mapping row; None if it is not one we can store."""
-    sub_id, status = obj.get("id"), obj.get("status")
-    if not isinstance(sub_id, str) or not sub_id.startswith("sub_") or len(sub_id) <= 4:
-        return None
-    if status not in SUBSCRIPTION_STATUSES:
-        return None
-    customer = _stripe_id(obj.get("customer"), "cus_")
-    account = _stripe_id(obj.get("customer_account"), "acct_")
-    if customer is None and account is None:
-        return None
-    items = obj.get("items")
-    items = items if isinstance(items, dict) else {}
-    data = items.get("data")
-    item_id = price_id = quantity = None
-    # Exactly one item is updatable through the portal; several are recorded
-    # as item_id NULL (SPEC §4: "not updatable").
-    if isinstance(data, list) and len(data) == 1 and not items.get("has_more"):
-        item = data[0] if isinstance(data[0], dict) else {}
-        item_id = _stripe_id(item.get("id"), "si_")
-        # Legacy plan-based prices can carry custom ids; only price_ ids are stored.
-        price_id = _stripe_id(item.get("price"), "price_")
-        raw_quantity = item.get("quantity")
-        if isinstance(raw_quantity, int) and not isinstance(raw_quantity, bool):
-            quantity = raw_quantity if raw_quantity >= 0 else None
-    return SubscriptionState(
-        id=sub_id,
-        customer=customer,
-        account=account,
-        status=str(status),
-        item_id=item_id,
-        price_id=price_id,
-        quantity=quantity,
-    )
-
-
-def _stripe_id(value: Any, prefix: str) -> str | None:
-    """An id given as a string or as an expanded object, if it has the prefix."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
-        return value
-    return None
-
-
 # --- application -------------------------------------------------------------
 
 
@@ -267,18 +223,13 @@ async def receive(
         raise
     label = metric_type(event.type)
     try:
-        result, audit = await _apply(deps, event, request_id, client_ip, user_agent)
+        result = await _apply(deps, event, request_id, client_ip, user_agent)
     except Exception:
         # Stripe retries a non-2xx: the transaction rolled back, so the retry starts clean.
         metrics.labels(type=label, result="error").inc()
         raise
     metrics.labels(type=label, result=result).inc()
     log.info("webhook_event", event_id=event.id, event_type=event.type, result=result)
-    if audit is not None:
-        deps.metrics.audit_events.labels(outcome=audit.outcome).inc()
-        fields = asdict(audit)
-        fields["occurred_at"] = audit.occurred_at.isoformat()
-        audit_log.info("audit", **fields)
     return Receipt(event.id, event.type, result)
 
 
@@ -288,16 +239,16 @@ async def _apply(
     request_id: str,
     client_ip: str | None,
     user_agent: str | None,
-) -> tuple[str, AuditEvent | None]:
+) -> str:
     """One transaction: claim the id, apply, audit, record the result."""
     db = deps.db
     sub = subscription_state(event.object) if event.type in SUBSCRIPTION_EVENTS else None
-    customer = (sub.customer or sub.account) if sub else _stripe_id(event.object.get("id"), "cus_")
+    customer = (sub.customer or sub.account) if sub else stripe_id(event.object.get("id"), "cus_")
     object_id = event.object.get("id")
-    audit: AuditEvent | None = None
+    record: AuditEvent | None = None
     started = time.perf_counter()
     async with db.connection() as conn, conn.transaction():
-        claimed = await wdb.claim_event(
+        claimed = await events.claim_event(
             conn,
             event.id,
             event.type,
@@ -306,36 +257,36 @@ async def _apply(
             object_id if isinstance(object_id, str) else None,
         )
         if not claimed:
-            return "duplicate", None
+            return "duplicate"
         if event.livemode != deps.settings.livemode:
             # Signed with this endpoint's secret, but for the other mode's ids.
             result = "livemode_mismatch"
         elif event.type in SUBSCRIPTION_EVENTS:
-            result, audit = await _apply_subscription(conn, event, sub)
+            result, record = await _apply_subscription(conn, event, sub)
         elif event.type == CUSTOMER_DELETED:
-            result, audit = await _apply_customer_deleted(conn, event, customer)
+            result, record = await _apply_customer_deleted(conn, event, customer)
         else:
             result = "unhandled"
-        if audit is not None:
-            audit.request_id = request_id
-            audit.client_ip = clean_ip(client_ip)
-            audit.user_agent = user_agent[:512] if user_agent else None
-            audit.duration_ms = (time.perf_counter() - started) * 1000
-            await wdb.insert_audit(conn, audit)
-        await wdb.finish_event(conn, event.id, result)
+        if record is not None:
+            record.request_id = request_id
+            record.client_ip = client_ip
+            record.user_agent = user_agent
+            record.duration_ms = (time.perf_counter() - started) * 1000
+            await audit.emit(conn, deps.metrics, record)
+        await events.finish_event(conn, event.id, result)
     deps.metrics.db_duration.labels(query="webhook_apply").observe(time.perf_counter() - started)
     if result == "unknown_customer":
         log.warning("webhook_unknown_customer", event_id=event.id, customer=customer)
-    return result, audit
+    return result
 
 
 async def _apply_subscription(
-    conn: wdb.Conn, event: Event, sub: SubscriptionState | None
+    conn: Connection, event: Event, sub: SubscriptionState | None
 ) -> tuple[str, AuditEvent | None]:
     if sub is None:
         log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
         return "invalid_object", None
-    applied = await wdb.apply_subscription(
+    applied = await mappings.apply_subscription(
         conn,
         sub,
         event.created,
@@ -347,7 +298,7 @@ async def _apply_subscription(
     if not applied.applied:
         # Older than what the row holds, or the subscription is already deleted.
         return "superseded", None
-    audit = _audit(
+    record = _audit(
         event,
         ACTION_MAPPING_CREATE if applied.inserted else ACTION_MAPPING_UPDATE,
         applied.user_id,
@@ -362,23 +313,23 @@ async def _apply_subscription(
             "deleted": event.type == "customer.subscription.deleted",
         },
     )
-    return "applied", audit
+    return "applied", record
 
 
 async def _apply_customer_deleted(
-    conn: wdb.Conn, event: Event, customer: str | None
+    conn: Connection, event: Event, customer: str | None
 ) -> tuple[str, AuditEvent | None]:
     if customer is None:
         log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
         return "invalid_object", None
-    deleted = await wdb.delete_customer(conn, customer)
+    deleted = await mappings.delete_customer(conn, customer)
     if deleted is None:
         return "unknown_customer", None
     user_id, subscriptions = deleted
-    audit = _audit(
+    record = _audit(
         event, ACTION_MAPPING_DELETE, user_id, customer, {"subscriptions": subscriptions}
     )
-    return "applied", audit
+    return "applied", record
 
 
 def _audit(
@@ -389,8 +340,6 @@ def _audit(
         principal_type=PRINCIPAL_STRIPE,
         principal_id=event.id,
         action=action,
-        client_ip=None,
-        user_agent=None,
         user_id=user_id,
         outcome="applied",
         http_status=200,

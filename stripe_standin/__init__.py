@@ -9,21 +9,27 @@ every request, and injects faults on demand through ``/_standin/...``.
 
 Run it with ``python -m stripe_standin`` or build it in-process with
 :func:`create_app`; ``app[STATE]`` is the :class:`StandinState` behind both.
+
+Where things are:
+
+* ``app``: :func:`create_app`, the URL table, the ``Request-Id`` middleware;
+* ``stripe_api``: what every ``/v1`` request goes through (auth, version,
+  form, idempotency, recording, faults, errors);
+* ``stripe_endpoints``: what each ``/v1`` endpoint answers;
+* ``validation``: Stripe's parameter rules; ``stripe_errors``: Stripe's other
+  error messages;
+* ``faults`` (parsing a scripted fault) and ``fault_responses`` (acting it out);
+* ``state``: :class:`StandinState`, recordings, seeded subscriptions;
+* ``control`` and ``control_input``: the ``/_standin`` control API and its input
+  checks; ``responses``: JSON and request-id helpers both faces use.
 """
 
-from .app import (
-    DEFAULT_API_KEY_PREFIXES,
-    DEFAULT_API_VERSION,
-    DEFAULT_CONFIGURATION,
-    REDACTED,
-    STATE,
-    ControlError,
-    Fault,
-    RecordedRequest,
-    StandinState,
-    create_app,
-    mask_api_key,
-)
+from .app import create_app
+from .control_input import ControlError
+from .faults import Fault
+from .state import DEFAULT_API_KEY_PREFIXES, REDACTED, STATE, RecordedRequest, StandinState
+from .stripe_api import DEFAULT_API_VERSION, mask_api_key
+from .stripe_endpoints import DEFAULT_CONFIGURATION
 from .validation import LOCALES, StripeError, decode_form
 
 DEFAULT_PORT = 12111  # stripe-mock's port, so either can serve the same configuration

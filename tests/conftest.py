@@ -152,9 +152,6 @@ def settings(database_url: str, standin: Standin) -> Settings:
     return make_settings(database_url, standin.url)
 
 
-ServiceFactory = Callable[..., Any]
-
-
 @pytest.fixture
 async def make_service(database_url: str, standin: Standin) -> AsyncIterator[Callable[..., Any]]:
     """Start the service (real HTTP) with extra environment variables."""

@@ -20,7 +20,7 @@ import pytest
 
 from service import keys
 from service.errors import ServiceUnavailable
-from service.stripe import CircuitBreaker, StripeClient, _Attempt, _parse_retry_after
+from service.stripe import CircuitBreaker, StripeClient
 from tests.conftest import Standin, make_settings
 from tests.helpers import created, post_session, problem
 
@@ -345,39 +345,6 @@ def test_breaker_unit_transitions() -> None:
     breaker.settle(breaker.admit(), None)
     breaker.settle(breaker.admit(), False)
     assert breaker.state == "closed"
-
-
-# --------------------------------------------------------------------------- backoff
-
-
-def test_backoff_is_full_jitter_within_the_window_and_obeys_retry_after() -> None:
-    settings = make_settings(
-        "postgresql://unused@127.0.0.1:1/unused",
-        "http://127.0.0.1:1",
-        STRIPE_BACKOFF_INITIAL_SECONDS="0.25",
-        STRIPE_BACKOFF_MAX_SECONDS="2",
-    )
-    client = StripeClient.__new__(StripeClient)
-    client._settings = settings
-    plain = _Attempt("server_error", 503)
-    for attempt_no, window in ((1, 0.25), (2, 0.5), (3, 1.0), (4, 2.0), (8, 2.0)):
-        delays = [client._sleep_time(attempt_no, plain) for _ in range(300)]
-        assert all(0 <= d <= window for d in delays)
-        assert min(delays) < window / 4 < window * 3 / 4 < max(delays)  # spread, not fixed
-    told = _Attempt("rate_limited", 429, {"Retry-After": "3"})
-    assert all(client._sleep_time(1, told) >= 3 for _ in range(50))
-
-
-def test_retry_after_forms() -> None:
-    assert _parse_retry_after("2") == 2
-    assert _parse_retry_after(None) is None
-    assert _parse_retry_after("soon") is None
-    from email.utils import formatdate
-
-    in_ten = _parse_retry_after(formatdate(time.time() + 10, usegmt=True))
-    assert in_ten is not None
-    assert 8 <= in_ten <= 10
-    assert _parse_retry_after(formatdate(time.time() - 10, usegmt=True)) == 0
 
 
 # --------------------------------------------------------------------------- pool and shedding

@@ -1,1 +1,1 @@
-"""Postgres access: the pool (``pool.py``) and every SQL statement (``queries.py``)."""
+"""Postgres access: the pool (``pool.py``) and SQL grouped by what it holds, one module each."""

@@ -17,16 +17,14 @@ import re
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
-from service.db.pool import Database
+from service.db.pool import Connection, Database
 
 BATCH_SIZE = 5000
 T = TypeVar("T")
-# What ``Database.connection()`` yields: every function here runs on it.
-Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 # --- rows ------------------------------------------------------------------
 

@@ -16,13 +16,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import orjson
 
 from service.errors import DatabaseUnavailable
 from service.metrics import Metrics
+
+# What ``Database.connection()`` yields; functions that run inside a caller's
+# transaction take it.
+Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 # Errors that mean "the database is not answering", as opposed to a bug in a query.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -117,7 +121,7 @@ class Database:
             self.pool.terminate()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
+    async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection; acquisition (and reconnecting) is bounded by the timeout."""
         try:
             conn = await self.pool.acquire(timeout=self.timeout)
@@ -163,7 +167,7 @@ class Database:
         finally:
             self._observe(name, started)
 
-    def _give_back(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
+    def _give_back(self, conn: Connection) -> None:
         """Release the connection to the pool without making the caller wait for it.
 
         asyncpg resets a connection on release (a round trip), and after a

@@ -10,7 +10,7 @@ from aiohttp_apigami import response_schema
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import keys
-from service.db import queries
+from service.db import deployment
 from service.errors import ServiceError
 from service.handlers.openapi import docs
 from service.schemas import HealthSchema
@@ -52,7 +52,7 @@ async def _readiness(app: web.Application) -> tuple[bool, dict[str, str]]:
         checks["draining"] = "yes"
     db = app[keys.DB]
     try:
-        revision = await asyncio.wait_for(queries.current_revision(db), timeout=db.timeout)
+        revision = await asyncio.wait_for(deployment.current_revision(db), timeout=db.timeout)
     except (ServiceError, TimeoutError):
         checks["database"] = "unavailable"
     else:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp_apigami import request_schema, response_schema
+from aiohttp_apigami import response_schema
 
 from service import keys
 from service.audit import ACTION_CREATE_SESSION
 from service.auth import SCOPE_CREATE_SESSIONS
-from service.errors import BadRequest
 from service.handlers.openapi import docs, problem_response
-from service.middlewares import log_fields, protected
-from service.portal import deadline_from_now, open_portal_session
+from service.middlewares import log_fields
+from service.portal import open_portal_session
+from service.protected import Call, protected
 from service.schemas import PortalSessionRequestSchema, PortalSessionSchema
-
-_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
 ERROR_RESPONSES = {
     400: "`malformed_json`, `invalid_header`",
@@ -79,30 +76,28 @@ def _error_responses() -> dict[int, dict[str, Any]]:
     security=[{"bearerAuth": []}],
     responses=_error_responses(),
 )
-@request_schema(PortalSessionRequestSchema, required=True)
 @response_schema(PortalSessionSchema, 201, description="The session was opened.")
-@protected(SCOPE_CREATE_SESSIONS, ACTION_CREATE_SESSION)
-async def create_portal_session(request: web.Request) -> web.Response:
-    """Validate → resolve → call Stripe, then answer 201 with the portal URL."""
-    deadline = deadline_from_now(request.app[keys.SETTINGS])
-    idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-        raise BadRequest(
-            "invalid_header", "Idempotency-Key must be 1-255 printable ASCII characters."
-        )
-    principal = request[keys.PRINCIPAL]
+@protected(
+    scope=SCOPE_CREATE_SESSIONS,
+    action=ACTION_CREATE_SESSION,
+    body=PortalSessionRequestSchema,
+    idempotent=True,
+)
+async def create_portal_session(call: Call) -> web.Response:
+    """Resolve → call Stripe (the use case), then answer 201 with the portal URL."""
+    app = call.request.app
     opened = await open_portal_session(
-        request.app[keys.PORTAL],
-        principal,
-        request["data"],
-        idempotency_key=idempotency_key,
-        audit=request[keys.AUDIT],
-        deadline=deadline,
+        app[keys.PORTAL],
+        call.principal,
+        call.body,
+        idempotency_key=call.idempotency_key,
+        audit=call.audit,
+        deadline=call.deadline,
     )
     session = opened.session
-    log_fields(request, upstream_request_id=session.request_id, attempts=session.attempts)
-    request.app[keys.METRICS].sessions_created.labels(
-        flow=opened.flow or "home", principal_type=principal.type
+    log_fields(call.request, upstream_request_id=session.request_id, attempts=session.attempts)
+    app[keys.METRICS].sessions_created.labels(
+        flow=opened.flow or "home", principal_type=call.principal.type
     ).inc()
     body = {
         "id": session.id,

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp_apigami import response_schema
 
 from service import keys
-from service.errors import PayloadTooLarge
+from service.bounded import read_request_body
 from service.handlers.openapi import docs, problem_response
 from service.middlewares import log_fields
 from service.schemas import WebhookReceiptSchema
@@ -68,7 +68,7 @@ BODY_LIMIT = 1024 * 1024
 @response_schema(WebhookReceiptSchema, 200, description="The event was verified and recorded.")
 async def receive_stripe_event(request: web.Request) -> web.Response:
     """Read the raw body once, hand it to the use case, acknowledge with 200."""
-    payload = await _read_body(request, BODY_LIMIT)
+    payload = await read_request_body(request, BODY_LIMIT)
     app = request.app
     receipt = await receive(
         WebhookDeps(app[keys.SETTINGS], app[keys.DB], app[keys.METRICS]),
@@ -91,17 +91,3 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing it as soon as it is known to exceed ``limit``."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(detail=f"The body must be at most {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(detail=f"The body must be at most {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -1,9 +1,8 @@
-"""Every SQL statement of the request path and the CLI, parameterised.
+"""The request path's lookup: everything one portal request needs, in one round trip.
 
-The portal request needs at most two lookups: the client token (service
-callers only) and ``RESOLVE``, which fetches the customer, portal profile,
-plan, offer and subscriptions, and claims the idempotency key, in one round
-trip. Every lookup goes through a primary key or unique index.
+``RESOLVE`` fetches the customer, portal profile, plan, offer and subscriptions
+of one user; with a caller's ``Idempotency-Key`` it also claims the key in the
+same statement. Every lookup goes through a primary key or unique index.
 """
 
 from __future__ import annotations
@@ -11,36 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from service.db.pool import Database
-
-# --- service clients -----------------------------------------------------
-
-FIND_CLIENT = """
-SELECT id, name, scopes, rate_limit_per_minute
-FROM api_clients
-WHERE token_hash = $1 AND revoked_at IS NULL
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class ClientRow:
-    id: int
-    name: str
-    scopes: tuple[str, ...]
-    rate_limit_per_minute: int
-
-
-async def find_client(db: Database, token_hash: bytes) -> ClientRow | None:
-    """The active client holding this token hash, if any."""
-    row = await db.fetchrow("find_client", FIND_CLIENT, token_hash)
-    if row is None:
-        return None
-    return ClientRow(row["id"], row["name"], tuple(row["scopes"]), row["rate_limit_per_minute"])
-
-
-# --- resolution ----------------------------------------------------------
 
 _RESOLVE_SELECT = """
 SELECT
@@ -138,83 +108,6 @@ async def resolve(
             row = await db.fetchrow("resolve_idempotent", RESOLVE_WITH_IDEMPOTENCY, *args)
     assert row is not None  # the query always yields exactly one row
     return dict(row)
-
-
-# --- audit ---------------------------------------------------------------
-
-INSERT_AUDIT = """
-INSERT INTO audit_events (
-    occurred_at, request_id, principal_type, principal_id, user_id, action, flow, outcome,
-    http_status, error_code, stripe_customer_id, stripe_session_id, stripe_request_id,
-    client_ip, user_agent, duration_ms, detail)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-"""
-
-
-AUDIT_FIELDS = (
-    "occurred_at",
-    "request_id",
-    "principal_type",
-    "principal_id",
-    "user_id",
-    "action",
-    "flow",
-    "outcome",
-    "http_status",
-    "error_code",
-    "stripe_customer_id",
-    "stripe_session_id",
-    "stripe_request_id",
-    "client_ip",
-    "user_agent",
-    "duration_ms",
-    "detail",
-)
-
-
-def audit_args(event: Any) -> list[Any]:
-    """INSERT_AUDIT's parameters from an ``audit.AuditEvent``, in column order."""
-    return [getattr(event, name) for name in AUDIT_FIELDS]
-
-
-async def insert_audit(db: Database, event: Any) -> None:
-    """Append one audit event (an ``audit.AuditEvent``)."""
-    await db.execute("insert_audit", INSERT_AUDIT, *audit_args(event))
-
-
-# --- operations ----------------------------------------------------------
-
-CURRENT_REVISION = "SELECT version_num FROM alembic_version"
-
-
-async def current_revision(db: Database) -> str | None:
-    """The alembic revision the database is at, or None if unmigrated."""
-    try:
-        row = await db.fetchrow("current_revision", CURRENT_REVISION)
-    except asyncpg.UndefinedTableError:  # not migrated yet
-        return None
-    return None if row is None else str(row["version_num"])
-
-
-RECORD_MODE = """
-WITH ins AS (
-    INSERT INTO deployment (livemode) VALUES ($1) ON CONFLICT (singleton) DO NOTHING
-    RETURNING livemode
-)
-SELECT livemode FROM ins UNION ALL SELECT livemode FROM deployment
-LIMIT 1
-"""
-
-
-async def record_mode(db: Database, livemode: bool) -> bool:
-    """Record the database's mode on first use; return the mode it maps."""
-    row = await db.fetchrow("record_mode", RECORD_MODE, livemode)
-    if row is None:
-        # Another process inserted the row after our snapshot was taken (two
-        # replicas starting on a new database); a second statement sees it.
-        row = await db.fetchrow("record_mode", RECORD_MODE, livemode)
-    assert row is not None
-    return bool(row["livemode"])
 
 
 PURGE_IDEMPOTENCY = "DELETE FROM idempotency_keys WHERE expires_at < now() - interval '1 hour'"

@@ -1,73 +1,23 @@
-"""SQL that keeps the mapping true: webhook events, stale marks and resync rewrites.
+"""SQL that keeps the customer and subscription mapping true: webhook upserts, stale marks, resync.
 
 Ordering is decided by Postgres, not Python: the subscription upsert only
 overwrites a row whose ``last_event_at`` is older than the event (``ON CONFLICT
 DO UPDATE ... WHERE`` re-checks the newest committed row version under its row
 lock), so concurrent deliveries for one subscription end with the newest
 event's state whatever order they commit in. Every statement goes through a
-primary key or unique index.
+primary key or unique index. Functions that take a ``Connection`` run inside
+the caller's transaction on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
 
 import asyncpg
 
-from service.db import queries
-from service.db.pool import Database
-
-# What ``Database.connection()`` yields; every function here runs inside the
-# caller's transaction on it.
-Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionState:
-    """One subscription as Stripe describes it (item fields are None for several items)."""
-
-    id: str
-    customer: str | None
-    account: str | None
-    status: str
-    item_id: str | None
-    price_id: str | None
-    quantity: int | None
-
-
-# --- events ----------------------------------------------------------------
-
-# The event id is claimed first: a replay (or a concurrent duplicate delivery,
-# which waits here on the primary key) finds it taken and changes nothing.
-CLAIM_EVENT = """
-INSERT INTO stripe_events (id, type, created, result, customer, object_id)
-VALUES ($1, $2, $3, 'processing', $4, $5)
-ON CONFLICT (id) DO NOTHING
-RETURNING true
-"""
-
-FINISH_EVENT = "UPDATE stripe_events SET result = $2 WHERE id = $1"
-
-
-async def claim_event(
-    conn: Conn,
-    event_id: str,
-    event_type: str,
-    created: datetime,
-    customer: str | None,
-    object_id: str | None,
-) -> bool:
-    """Record the event; False if it was already recorded (a duplicate delivery)."""
-    claimed = await conn.fetchval(CLAIM_EVENT, event_id, event_type, created, customer, object_id)
-    return bool(claimed)
-
-
-async def finish_event(conn: Conn, event_id: str, result: str) -> None:
-    """Store what applying the event did."""
-    await conn.execute(FINISH_EVENT, event_id, result)
-
+from service.db.pool import Connection, Database
+from service.domain import SubscriptionState
 
 # The owner is found through the unique customer (or Accounts v2 account) id.
 # With no owner nothing is inserted and no row comes back: an unknown customer.
@@ -123,7 +73,7 @@ class Applied:
 
 
 async def apply_subscription(
-    conn: Conn,
+    conn: Connection,
     sub: SubscriptionState,
     event_time: datetime,
     *,
@@ -165,20 +115,14 @@ RETURNING c.user_id, ARRAY(
 """
 
 
-async def delete_customer(conn: Conn, stripe_customer_id: str) -> tuple[str, list[str]] | None:
+async def delete_customer(
+    conn: Connection, stripe_customer_id: str
+) -> tuple[str, list[str]] | None:
     """Remove the customer mapping (and, by cascade, its subscriptions)."""
     row = await conn.fetchrow(DELETE_CUSTOMER, stripe_customer_id)
     if row is None:
         return None
     return row["user_id"], list(row["subscriptions"])
-
-
-# --- audit inside the caller's transaction ----------------------------------
-
-
-async def insert_audit(conn: Conn, event: Any) -> None:
-    """Append an ``audit.AuditEvent`` in the same transaction as the change it records."""
-    await conn.execute(queries.INSERT_AUDIT, *queries.audit_args(event))
 
 
 # --- stale marks -------------------------------------------------------------
@@ -231,13 +175,13 @@ def _customer(row: asyncpg.Record) -> CustomerMapping:
     return CustomerMapping(row["user_id"], row["stripe_customer_id"], row["stripe_account_id"])
 
 
-async def find_customer(conn: Conn, user_id: str) -> CustomerMapping | None:
+async def find_customer(conn: Connection, user_id: str) -> CustomerMapping | None:
     """The user's customer mapping, if any."""
     row = await conn.fetchrow(FIND_CUSTOMER, user_id)
     return None if row is None else _customer(row)
 
 
-async def customers_after(conn: Conn, after: str, limit: int) -> list[CustomerMapping]:
+async def customers_after(conn: Connection, after: str, limit: int) -> list[CustomerMapping]:
     """The next page of customer mappings in user_id order."""
     return [_customer(r) for r in await conn.fetch(CUSTOMERS_AFTER, after, limit)]
 
@@ -297,7 +241,7 @@ class Rewritten:
 
 
 async def rewrite_subscriptions(
-    conn: Conn,
+    conn: Connection,
     customer: CustomerMapping,
     subs: list[SubscriptionState],
     read_at: datetime,

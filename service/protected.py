@@ -1,0 +1,260 @@
+"""The protected request path, in one place, read top to bottom.
+
+authenticate → open the audit event → scope → rate limit → JSON body →
+validation → handler → write the audit event.
+
+A route declares what it needs where its handler is defined::
+
+    @protected(scope=SCOPE_CREATE_SESSIONS, action=ACTION_CREATE_SESSION,
+               body=PortalSessionRequestSchema, idempotent=True)
+    async def create_portal_session(call: Call) -> web.Response: ...
+
+and the handler receives a :class:`Call`: the principal, the validated body,
+the audit event to fill in, and the request's deadline. Everything that applies
+to every request (request id, access log, errors, load shedding) stays in
+``middlewares.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp_apigami import request_schema
+from marshmallow import Schema, ValidationError
+
+from service import audit, keys
+from service.audit import AuditEvent
+from service.auth import Principal
+from service.bounded import read_request_body
+from service.errors import (
+    BadRequest,
+    DatabaseUnavailable,
+    Forbidden,
+    RateLimited,
+    ServiceError,
+    Unauthenticated,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from service.middlewares import log_fields, route_label
+from service.ratelimit import retry_after_seconds
+from service.schemas import flatten_errors
+
+audit_log = structlog.get_logger("audit")
+
+JSON_BODY_LIMIT = 16 * 1024
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A protected request, authenticated and validated, as its handler sees it."""
+
+    request: web.Request
+    principal: Principal
+    body: dict[str, Any]
+    audit: AuditEvent
+    # loop.time() by which the whole request must be answered (Stripe retries included).
+    deadline: float
+    idempotency_key: str | None
+
+
+ProtectedHandler = Callable[[Call], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a protected route requires before its handler runs."""
+
+    scope: str
+    action: str
+    body: Schema
+    body_limit: int
+    idempotent: bool
+
+
+def protected(
+    *,
+    scope: str,
+    action: str,
+    body: type[Schema],
+    body_limit: int = JSON_BODY_LIMIT,
+    idempotent: bool = False,
+) -> Callable[[ProtectedHandler], Handler]:
+    """Run ``handler`` behind the protected path; ``body`` also documents the request."""
+    route = Route(scope, action, body(), body_limit, idempotent)
+
+    def wrap(handler: ProtectedHandler) -> Handler:
+        async def serve(request: web.Request) -> web.StreamResponse:
+            return await _serve(request, route, handler)
+
+        serve.__name__ = handler.__name__
+        serve.__doc__ = handler.__doc__
+        documented: Handler = request_schema(body, required=True)(serve)
+        return documented
+
+    return wrap
+
+
+async def _serve(
+    request: web.Request, route: Route, handler: ProtectedHandler
+) -> web.StreamResponse:
+    deadline = (
+        asyncio.get_running_loop().time() + request.app[keys.SETTINGS].request_deadline_seconds
+    )
+    principal = await _authenticate(request)
+    event = AuditEvent(
+        request_id=request[keys.REQUEST_ID],
+        principal_type=principal.type,
+        principal_id=principal.id,
+        action=route.action,
+        client_ip=request.remote,
+        user_agent=request.headers.get("User-Agent"),
+    )
+    started = time.perf_counter()
+    try:
+        _check_scope(principal, route.scope)
+        _rate_limit(request, principal)
+        body = _validate(route.body, await _json_body(request, route.body_limit))
+        key = _idempotency_key(request) if route.idempotent else None
+        response = await handler(Call(request, principal, body, event, deadline, key))
+    except ServiceError as exc:
+        await _decided(request, event, started, exc.status, exc)
+        raise
+    except asyncio.CancelledError:
+        # The caller hung up (aiohttp cancels the handler). Stripe may already
+        # have opened a session nobody will see: the row still gets written.
+        await asyncio.shield(_decided(request, event, started, 499, None, "client_closed_request"))
+        raise
+    except Exception:
+        await _decided(request, event, started, 500, None, "internal_error")
+        raise
+    # No answer leaves without its audit row: a failed write is a 503 instead.
+    await _decided(request, event, started, response.status, None, strict=True)
+    return response
+
+
+async def _authenticate(request: web.Request) -> Principal:
+    """The principal; a 401 is logged and counted, never stored (SPEC §6)."""
+    try:
+        principal = await request.app[keys.AUTHENTICATOR].authenticate(
+            request.headers.get("Authorization")
+        )
+    except Unauthenticated as exc:
+        metrics = request.app[keys.METRICS]
+        metrics.auth_failures.labels(reason=exc.reason).inc()
+        metrics.session_errors.labels(code=exc.code).inc()
+        # Anonymous traffic can't fill the database.
+        metrics.audit_events.labels(outcome="unauthenticated").inc()
+        audit_log.warning(
+            "audit",
+            outcome="unauthenticated",
+            http_status=401,
+            error_code=exc.code,
+            reason=exc.reason,
+            route=route_label(request),
+            client_ip=request.remote,
+        )
+        raise
+    request[keys.PRINCIPAL] = principal
+    structlog.contextvars.bind_contextvars(principal_type=principal.type, principal_id=principal.id)
+    return principal
+
+
+def _check_scope(principal: Principal, scope: str) -> None:
+    if scope not in principal.scopes:
+        raise Forbidden("insufficient_scope", f"This client lacks the {scope} scope.")
+
+
+def _rate_limit(request: web.Request, principal: Principal) -> None:
+    wait = request.app[keys.RATE_LIMITER].try_acquire(
+        principal.key, principal.rate_limit_per_minute
+    )
+    if wait > 0:
+        raise RateLimited(retry_after_seconds(wait))
+
+
+async def _json_body(request: web.Request, limit: int) -> Any:
+    """415 for other media types, 413 before parsing, 400 for malformed JSON."""
+    mime = request.content_type
+    if mime != "application/json" and not (
+        mime.startswith("application/") and mime.endswith("+json")
+    ):
+        raise UnsupportedMediaType(detail="Send the body as application/json.")
+    raw = await read_request_body(request, limit)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("malformed_json", "The body is not valid JSON.") from None
+
+
+def _validate(schema: Schema, body: Any) -> dict[str, Any]:
+    """The body as the schema loads it; 422 with a field map keyed by dotted path."""
+    try:
+        data: dict[str, Any] = schema.load(body)
+    except ValidationError as exc:
+        raise ValidationFailed(flatten_errors(exc.messages)) from None
+    return data
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise BadRequest(
+            "invalid_header", "Idempotency-Key must be 1-255 printable ASCII characters."
+        )
+    return key
+
+
+async def _decided(
+    request: web.Request,
+    event: AuditEvent,
+    started: float,
+    status: int,
+    error: ServiceError | None,
+    code: str | None = None,
+    *,
+    strict: bool = False,
+) -> None:
+    """Close the audit event with the decision and emit it.
+
+    ``strict`` (a success) lets a failed write become the answer (503); for a
+    refusal the caller gets the original error and the failed write is only
+    logged and counted.
+    """
+    metrics = request.app[keys.METRICS]
+    event.http_status = status
+    event.duration_ms = (time.perf_counter() - started) * 1000
+    if error is not None:
+        metrics.session_errors.labels(code=error.code).inc()
+        event.error_code = error.code
+        event.stripe_request_id = event.stripe_request_id or error.stripe_request_id
+        upstream = error.extra.get("upstream")
+        if isinstance(upstream, dict) and upstream.get("code"):
+            event.detail = {**(event.detail or {}), "upstream_code": upstream["code"]}
+    elif code is not None:
+        event.error_code = code
+    log_fields(request, user_id=event.user_id, flow=event.flow)
+    if event.stripe_request_id is not None:
+        # Failures too: the Request-Id is what Stripe support asks for.
+        request[keys.LOG_FIELDS].setdefault("upstream_request_id", event.stripe_request_id)
+    if strict:
+        try:
+            await audit.emit(request.app[keys.DB], metrics, event)
+        except DatabaseUnavailable:
+            metrics.session_errors.labels(code="database_unavailable").inc()
+            raise
+        return
+    # A failed write is already logged and counted; the caller gets the original error.
+    with contextlib.suppress(DatabaseUnavailable):
+        await audit.emit(request.app[keys.DB], metrics, event)

@@ -1,0 +1,327 @@
+"""The Stripe client: one send loop that every call goes through, GET and POST alike.
+
+The loop (:meth:`StripeClient._send`) owns the whole exchange: the request's
+deadline and a per-attempt timeout, retries by the rules of ``retry.py`` with
+the same ``Idempotency-Key`` on every attempt (a retry after a lost answer gets
+Stripe's stored result, not a second one), ``Retry-After``, a bounded read of
+the answer, the check of the object Stripe returned, metrics, ``Stripe-Version``
+and the optional ``Stripe-Account`` header (Connect). An endpoint is a short
+method naming its path, params and the object it expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+
+from service.bounded import BodyTooLarge, read_bounded
+from service.config import Settings
+from service.metrics import Metrics
+from service.stripe import retry
+from service.stripe.attempt import Attempt, classify, kept_headers
+from service.stripe.breaker import CircuitBreaker
+from service.stripe.encode import encode_form
+from service.stripe.errors import Failed, final_error
+from service.version import USER_AGENT
+
+SESSIONS_PATH = "/v1/billing_portal/sessions"
+SUBSCRIPTIONS_PATH = "/v1/subscriptions"
+# Stripe's largest page for list endpoints.
+LIST_PAGE_SIZE = 100
+# A portal session is about 1 KiB of JSON and a page of 100 subscriptions a few
+# hundred; a body far larger than that is not Stripe's, and is not buffered whole.
+MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PortalSession:
+    """The fields of Stripe's billing_portal.session we hand back."""
+
+    id: str
+    url: str
+    created: int
+    livemode: bool
+    locale: str | None
+    return_url: str | None
+    request_id: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A good answer: Stripe's object, its Request-Id, and how many attempts it took."""
+
+    body: dict[str, Any]
+    request_id: str | None
+    attempts: int
+
+
+def _is_session(body: dict[str, Any]) -> bool:
+    url = body.get("url")
+    return (
+        isinstance(body.get("id"), str)
+        and isinstance(url, str)
+        and url.startswith("https://")
+        and isinstance(body.get("created"), int)
+    )
+
+
+def _is_list(body: dict[str, Any]) -> bool:
+    data = body.get("data")
+    return isinstance(data, list) and all(
+        isinstance(item, dict) and isinstance(item.get("id"), str) for item in data
+    )
+
+
+class StripeClient:
+    """Calls Stripe over the application's one aiohttp ClientSession."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, settings: Settings, metrics: Metrics | None
+    ) -> None:
+        if settings.stripe_api_key is None:
+            raise ValueError("STRIPE_API_KEY is required to call Stripe")
+        self._session = session
+        self._settings = settings
+        self._metrics = metrics
+        self._headers = {
+            "Authorization": f"Bearer {settings.stripe_api_key.reveal()}",
+            "Stripe-Version": settings.stripe_api_version,
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+        self.breaker = CircuitBreaker(
+            settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, metrics
+        )
+
+    @staticmethod
+    def new_session(settings: Settings) -> aiohttp.ClientSession:
+        """The one ClientSession of the app: bounded keep-alive pool to Stripe."""
+        connector = aiohttp.TCPConnector(
+            limit=settings.stripe_max_connections, keepalive_timeout=30, ttl_dns_cache=300
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            raise_for_status=False,
+        )
+
+    def deadline_from_now(self) -> float:
+        """The loop time by which a call started now must be answered."""
+        return asyncio.get_running_loop().time() + self._settings.request_deadline_seconds
+
+    # --- endpoints -----------------------------------------------------------
+
+    async def create_portal_session(
+        self,
+        params: Mapping[str, Any],
+        *,
+        idempotency_key: str,
+        deadline: float,
+        stripe_account: str | None = None,
+    ) -> PortalSession:
+        """``POST /v1/billing_portal/sessions``, through the circuit breaker."""
+        reply = await self._send(
+            "POST",
+            SESSIONS_PATH,
+            params,
+            expect="billing_portal.session",
+            valid=_is_session,
+            deadline=deadline,
+            idempotency_key=idempotency_key,
+            stripe_account=stripe_account,
+            guarded=True,
+        )
+        body = reply.body
+        return PortalSession(
+            id=body["id"],
+            url=body["url"],
+            created=body["created"],
+            livemode=bool(body.get("livemode", False)),
+            locale=body.get("locale"),
+            return_url=body.get("return_url"),
+            request_id=reply.request_id,
+            attempts=reply.attempts,
+        )
+
+    async def list_subscriptions(
+        self, customer: str, *, stripe_account: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every subscription of ``customer``, canceled ones included, all pages."""
+        return await self._list_all(
+            SUBSCRIPTIONS_PATH, {"customer": customer, "status": "all"}, stripe_account
+        )
+
+    # --- the send loop ---------------------------------------------------------
+
+    async def _list_all(
+        self, path: str, query: dict[str, Any], stripe_account: str | None
+    ) -> list[dict[str, Any]]:
+        """Follow ``starting_after`` while ``has_more``; each page has its own deadline."""
+        found: list[dict[str, Any]] = []
+        page_query = {**query, "limit": LIST_PAGE_SIZE}
+        while True:
+            reply = await self._send(
+                "GET",
+                path,
+                page_query,
+                expect="list",
+                valid=_is_list,
+                deadline=self.deadline_from_now(),
+                stripe_account=stripe_account,
+            )
+            data: list[dict[str, Any]] = reply.body["data"]
+            found.extend(data)
+            if not data or reply.body.get("has_more") is not True:
+                return found
+            page_query["starting_after"] = data[-1]["id"]
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, Any],
+        *,
+        expect: str,
+        valid: Callable[[dict[str, Any]], bool],
+        deadline: float,
+        idempotency_key: str | None = None,
+        stripe_account: str | None = None,
+        guarded: bool = False,
+    ) -> Reply:
+        """Send one call until it succeeds, fails for good, or the deadline passes.
+
+        ``guarded`` calls (the request path) go through the circuit breaker;
+        tools that page through Stripe leave it to the requests it protects.
+        """
+        ticket = self.breaker.admit() if guarded else None
+        healthy: bool | None = None
+        try:
+            reply = await self._attempts(
+                method, path, params, expect, valid, deadline, idempotency_key, stripe_account
+            )
+        except Failed as failed:
+            healthy = failed.healthy
+            raise failed.error from None
+        else:
+            healthy = True
+            return reply
+        finally:
+            if ticket is not None:
+                # Also on cancellation (healthy stays None): frees a probe's slot.
+                self.breaker.settle(ticket, healthy)
+
+    async def _attempts(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, Any],
+        expect: str,
+        valid: Callable[[dict[str, Any]], bool],
+        deadline: float,
+        idempotency_key: str | None,
+        stripe_account: str | None,
+    ) -> Reply:
+        headers = dict(self._headers)
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        if stripe_account is not None:
+            headers["Stripe-Account"] = stripe_account
+        form = encode_form(params)
+        url = self._settings.stripe_api_base + path
+        loop = asyncio.get_running_loop()
+        max_attempts = 1 + self._settings.stripe_max_retries
+        attempt_no = 0
+        last: Attempt | None = None
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise final_error(last, retryable=True, expected=expect)
+            attempt_no += 1
+            last = await self._exchange(
+                method, url, form, headers, min(remaining, self._settings.stripe_timeout_seconds)
+            )
+            # On this request's log lines (its canonical access line too), failed or not.
+            structlog.contextvars.bind_contextvars(
+                attempts=attempt_no, upstream_request_id=last.request_id
+            )
+            if last.outcome == "success":
+                body = last.body
+                if isinstance(body, dict) and body.get("object") == expect and valid(body):
+                    return Reply(body, last.request_id, attempt_no)
+                # A 2xx that is not what we asked for (truncated, HTML from a proxy,
+                # another object): not retried, since Stripe may have acted on it.
+                last.outcome = "bad_response"
+            again, reason = retry.should_retry(
+                last.outcome, last.status, last.headers.get("Stripe-Should-Retry")
+            )
+            if again and attempt_no < max_attempts:
+                delay = retry.sleep_time(
+                    attempt_no,
+                    initial=self._settings.stripe_backoff_initial_seconds,
+                    maximum=self._settings.stripe_backoff_max_seconds,
+                    retry_after=retry.parse_retry_after(last.headers.get("Retry-After")),
+                )
+                # Honour the wait only if an attempt still fits after it.
+                if loop.time() + delay < deadline:
+                    if self._metrics is not None:
+                        self._metrics.upstream_retries.labels(reason=reason).inc()
+                    await asyncio.sleep(delay)
+                    continue
+            raise final_error(last, retryable=again, expected=expect)
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        form: list[tuple[str, str]],
+        headers: dict[str, str],
+        attempt_timeout: float,
+    ) -> Attempt:
+        """One HTTP exchange, bounded in time and size, counted in the metrics."""
+        started = time.perf_counter()
+        # total bounds the whole exchange (pool wait, connect, send, read the body);
+        # sock_connect bounds the TCP+TLS handshake on its own.
+        timeout = aiohttp.ClientTimeout(
+            total=attempt_timeout,
+            sock_connect=min(attempt_timeout, self._settings.stripe_connect_timeout_seconds),
+        )
+        # A GET carries its params in the query string, a POST in the form body.
+        query, data = (form, None) if method == "GET" else (None, form)
+        try:
+            async with self._session.request(
+                method,
+                url,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,  # Stripe never redirects; never resend the key elsewhere
+                params=query,
+                data=data,
+            ) as resp:
+                try:
+                    raw = await read_bounded(resp.content, MAX_RESPONSE_BYTES, resp.content_length)
+                except BodyTooLarge:
+                    result = Attempt("bad_response", resp.status, kept_headers(resp.headers))
+                else:
+                    result = classify(resp.status, resp.headers, raw)
+        except TimeoutError:
+            result = Attempt("timeout")
+        except aiohttp.ClientError:
+            # Refused, reset, or a body cut short (ClientPayloadError): the answer,
+            # if any, is lost; the same Idempotency-Key makes a retry safe.
+            result = Attempt("connection_error")
+        if self._metrics is not None:
+            self._metrics.upstream_requests.labels(
+                outcome=result.outcome, status=str(result.status or "none")
+            ).inc()
+            self._metrics.upstream_duration.labels(outcome=result.outcome).observe(
+                time.perf_counter() - started
+            )
+        return result

@@ -1,0 +1,271 @@
+"""What the stand-in remembers: :class:`StandinState`, one per application.
+
+Recorded requests, queued faults, the standing latency, ids declared missing,
+seeded subscriptions (and how a seed becomes a Stripe subscription object), and
+responses stored under idempotency keys. The control API reads and scripts it
+over HTTP; in-process tests reach it directly as ``app[STATE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+from aiohttp import web
+
+from .control_input import MAX_LATENCY_MS, ControlError, is_int, is_number
+from .faults import Fault
+from .validation import SUBSCRIPTION_STATUSES, IdRef, Params
+
+__all__ = [
+    "DEFAULT_API_KEY_PREFIXES",
+    "REDACTED",
+    "STATE",
+    "RecordedRequest",
+    "StandinState",
+    "StoredResponse",
+    "recorded_headers",
+]
+
+DEFAULT_API_KEY_PREFIXES: Final = ("sk_test_", "rk_test_")
+# Stands in for the Authorization header in recorded requests: tests must be
+# able to dump recordings without leaking the key they used.
+REDACTED: Final = "[redacted]"
+
+# --------------------------------------------------------------------------- recordings
+
+
+@dataclass
+class RecordedRequest:
+    """One request that reached an API route, as the stand-in saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    params: Params | None  # None when the body could not be decoded at all
+    raw: list[tuple[str, str]]
+    idempotency_key: str | None
+    request_id: str
+    # None while in flight, and for faults that never answer (hang, reset).
+    status: int | None = None
+    fault: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "headers": self.headers,
+            "params": self.params,
+            "raw": [[key, value] for key, value in self.raw],
+            "idempotency_key": self.idempotency_key,
+            "status": self.status,
+            "request_id": self.request_id,
+            "fault": self.fault,
+        }
+
+
+def recorded_headers(request: web.Request) -> dict[str, str]:
+    """The request's headers as recorded: repeats joined, the API key redacted."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        shown = REDACTED if name.lower() == "authorization" else value
+        headers[name] = f"{headers[name]}, {shown}" if name in headers else shown
+    return headers
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response remembered under an idempotency key."""
+
+    method: str
+    path: str
+    fingerprint: str
+    status: int
+    body: bytes
+    request_id: str
+
+
+class StandinState:
+    """Everything the stand-in remembers: recordings, scripted faults and seeded data."""
+
+    def __init__(
+        self,
+        *,
+        api_key_prefixes: tuple[str, ...] = DEFAULT_API_KEY_PREFIXES,
+        latency_ms: float = 0.0,
+    ) -> None:
+        self.api_key_prefixes = api_key_prefixes
+        self.default_latency_ms = latency_ms
+        self.latency_ms = latency_ms
+        self.requests: list[RecordedRequest] = []
+        self.faults: deque[Fault] = deque()
+        self.missing_ids: set[str] = set()
+        # Insertion-ordered so list order is stable for equal ``created`` times.
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.idempotency: dict[tuple[str, str], StoredResponse] = {}
+        # Set on shutdown: latencies and hangs end early so the server can stop.
+        self.closing = asyncio.Event()
+
+    # -- recordings
+
+    def requests_json(self) -> list[dict[str, Any]]:
+        return [recorded.to_json() for recorded in self.requests]
+
+    def clear_requests(self) -> int:
+        count = len(self.requests)
+        self.requests.clear()
+        return count
+
+    # -- faults and latency
+
+    def queue_faults(self, specs: Iterable[object]) -> int:
+        """Queue faults (control-API JSON form); all or none. Returns how many were queued."""
+        parsed = [Fault.parse(spec) for spec in specs]
+        for fault, repeat in parsed:
+            self.faults.extend([fault] * repeat)
+        return sum(repeat for _, repeat in parsed)
+
+    def next_fault(self) -> Fault | None:
+        return self.faults.popleft() if self.faults else None
+
+    def clear_faults(self) -> int:
+        count = len(self.faults)
+        self.faults.clear()
+        return count
+
+    def set_latency(self, ms: object) -> float:
+        if not is_number(ms) or not 0 <= cast(float, ms) <= MAX_LATENCY_MS:
+            raise ControlError(f"ms must be a number from 0 to {MAX_LATENCY_MS:.0f}")
+        self.latency_ms = float(cast(float, ms))
+        return self.latency_ms
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the server shuts down."""
+        if seconds <= 0 or self.closing.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closing.wait(), timeout=seconds)
+
+    # -- ids that do not exist
+
+    def declare_missing(self, ids: Iterable[object]) -> int:
+        checked = list(ids)
+        if not all(isinstance(value, str) and value for value in checked):
+            raise ControlError("ids must be non-empty strings")
+        self.missing_ids.update(cast(list[str], checked))
+        return len(checked)
+
+    def clear_missing(self) -> int:
+        count = len(self.missing_ids)
+        self.missing_ids.clear()
+        return count
+
+    def check_ids(self, refs: Iterable[IdRef]) -> None:
+        """Answer like Stripe for an id that is malformed or declared missing."""
+        for ref in refs:
+            if not ref.looks_valid() or ref.value in self.missing_ids:
+                raise ref.error()
+
+    # -- subscriptions for GET /v1/subscriptions
+
+    def seed_subscriptions(self, seeds: Iterable[object]) -> int:
+        """Add or replace (by id) subscriptions; all or none. Returns how many were given."""
+        now = int(time.time())
+        objects = [_subscription_object(seed, now) for seed in seeds]
+        for obj in objects:
+            self.subscriptions[obj["id"]] = obj
+        return len(objects)
+
+    def clear_subscriptions(self) -> int:
+        count = len(self.subscriptions)
+        self.subscriptions.clear()
+        return count
+
+    def reset(self) -> None:
+        """Forget everything: recordings, faults, latency, missing ids, seeds, idempotency."""
+        self.requests.clear()
+        self.faults.clear()
+        self.latency_ms = self.default_latency_ms
+        self.missing_ids.clear()
+        self.subscriptions.clear()
+        self.idempotency.clear()
+
+
+STATE: Final = web.AppKey("stripe_standin.state", StandinState)
+
+
+# --------------------------------------------------------------------------- seeded subscriptions
+
+
+def _subscription_object(seed: object, now: int) -> dict[str, Any]:
+    """A Stripe subscription object from a control-API seed."""
+    if not isinstance(seed, dict):
+        raise ControlError("each subscription must be a JSON object")
+    sub_id = seed.get("id")
+    if not isinstance(sub_id, str) or not sub_id.startswith("sub_") or sub_id == "sub_":
+        raise ControlError(f"subscription id must be a sub_ id, got {sub_id!r}")
+    customer = seed.get("customer")
+    if not isinstance(customer, str) or not customer.startswith("cus_"):
+        raise ControlError(f"{sub_id}: customer must be a cus_ id")
+    status = seed.get("status", "active")
+    if status not in SUBSCRIPTION_STATUSES:
+        raise ControlError(f"{sub_id}: status must be one of {', '.join(SUBSCRIPTION_STATUSES)}")
+    created = seed.get("created", now)
+    if not is_int(created):
+        raise ControlError(f"{sub_id}: created must be a unix time")
+    raw_items = seed.get("items", [])
+    if not isinstance(raw_items, list):
+        raise ControlError(f"{sub_id}: items must be a list")
+    items = [_subscription_item(sub_id, item, created) for item in raw_items]
+    # Fields the stand-in does not model (metadata, current_period_end...) pass through.
+    extra = {
+        k: v for k, v in seed.items() if k not in ("id", "customer", "status", "created", "items")
+    }
+    return {
+        **extra,
+        "id": sub_id,
+        "object": "subscription",
+        "created": created,
+        "customer": customer,
+        "items": {
+            "object": "list",
+            "data": items,
+            "has_more": False,
+            "total_count": len(items),
+            "url": f"/v1/subscription_items?subscription={sub_id}",
+        },
+        "livemode": False,
+        "status": status,
+    }
+
+
+def _subscription_item(sub_id: str, item: object, created: int) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise ControlError(f"{sub_id}: each item must be a JSON object")
+    item_id = item.get("id")
+    if not isinstance(item_id, str) or not item_id.startswith("si_"):
+        raise ControlError(f"{sub_id}: item id must be an si_ id")
+    price = item.get("price")
+    if isinstance(price, str):
+        price = {"id": price}
+    if not isinstance(price, dict) or not str(price.get("id", "")).startswith("price_"):
+        raise ControlError(f"{item_id}: price must be a price_ id or an object with one")
+    quantity = item.get("quantity", 1)
+    if not is_int(quantity) or quantity < 0:
+        raise ControlError(f"{item_id}: quantity must be a non-negative integer")
+    return {
+        "id": item_id,
+        "object": "subscription_item",
+        "created": created,
+        "price": {"object": "price", **price},
+        "quantity": quantity,
+        "subscription": sub_id,
+    }
