@@ -65,22 +65,17 @@ def _flow_data(flow: dict[str, Any], n: int) -> dict[str, Any]:
     kind = flow["type"]
     data: dict[str, Any] = {"type": kind}
     after = flow.get("after_completion")
-    if after is not None:
-        if after["type"] == "redirect":
-            data["after_completion"] = {
-                "type": "redirect",
-                "redirect": {"return_url": after["return_url"]},
-            }
-        else:
-            data["after_completion"] = {"type": after["type"]}
+    if after is not None:  # the pool has redirects only (dataset.make_body)
+        data["after_completion"] = {
+            "type": "redirect",
+            "redirect": {"return_url": after["return_url"]},
+        }
     if kind == "subscription_cancel":
         cancel: dict[str, Any] = {"subscription": subscription_id(n)}
         if "retention_offer" in flow:
             coupon = OFFERS[flow["retention_offer"]][1]
             cancel["retention"] = {"type": "coupon_offer", "coupon_offer": {"coupon": coupon}}
         data[kind] = cancel
-    elif kind == "subscription_update":
-        data[kind] = {"subscription": subscription_id(n)}
     elif kind == "subscription_update_confirm":
         item: dict[str, Any] = {"id": item_id(n)}
         if "plan" in flow:

@@ -36,6 +36,7 @@ VENV_BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 STRIPE_KEY = "sk_test_bench_0123456789abcdefghij"
 DEFAULT_DATABASE = "portal_gateway_bench"
+ROUTE = "/v1/portal-sessions"
 
 
 def log(message: str) -> None:
@@ -280,6 +281,11 @@ def floor_cmd(port: int, standin_port: int) -> list[str]:
         "--api-key",
         STRIPE_KEY,
     ]
+
+
+def request_headers(token: str) -> dict[str, str]:
+    """The headers of one ``POST ROUTE`` of the request pool."""
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
 
 async def standin_control(base: str, method: str, path: str, body: Any = None) -> Any:

@@ -36,9 +36,7 @@ import aiohttp
 
 import dataset
 import harness
-from harness import RESULTS, WORK, log
-
-ROUTE = "/v1/portal-sessions"
+from harness import RESULTS, ROUTE, WORK, log
 
 
 async def send_batch(url: str, pool: list[tuple[str, bytes]], concurrency: int) -> int:
@@ -58,8 +56,7 @@ async def send_batch(url: str, pool: list[tuple[str, bytes]], concurrency: int) 
                     url + ROUTE,
                     data=body,
                     headers={
-                        "Authorization": f"Bearer {token}",
-                        "Content-Type": "application/json",
+                        **harness.request_headers(token),
                         "User-Agent": "portal-gateway-bench/1",
                     },
                 ) as resp:

@@ -84,25 +84,22 @@ _GENERIC = (
 _CLIENT_FILES = ("aiohttp/client", "aiohttp/connector.py", "aiohttp/tracing.py", "aiohttp/formdata")
 
 # Inclusive steps: (label, function name as py-spy shows it, file).
+_AUTH, _DB = "service/auth.py", "service/db/"
 STEPS: list[tuple[str, str, str]] = [
     ("access log line + HTTP metrics (access_middleware's own calls)", "=access_middleware", ""),
-    (
-        "authenticate: client-token lookup or JWT verify",
-        "Authenticator.authenticate",
-        "service/auth.py",
-    ),
-    ("  client-token lookup (find_client query)", "find_client", "service/db/queries.py"),
-    ("  JWT verify (PyJWT)", "Authenticator._end_user", "service/auth.py"),
-    ("body validation (webargs/marshmallow)", "AsyncParser.parse", "webargs/asyncparser.py"),
-    ("resolve query (lookups)", "resolve", "service/db/queries.py"),
+    ("authenticate: client-token lookup or JWT verify", "Authenticator.authenticate", _AUTH),
+    ("  client-token lookup (find_client query)", "find_client", _DB + "clients.py"),
+    ("  JWT verify (PyJWT)", "Authenticator._end_user", _AUTH),
+    ("body validation (marshmallow)", "_validate", "service/protected.py"),
+    ("resolve query (lookups)", "resolve", _DB + "resolve.py"),
     (
         "Stripe call (encode, POST, read, parse)",
         "StripeClient.create_portal_session",
-        "service/stripe.py",
+        "service/stripe/client.py",
     ),
-    ("audit.record: row insert + audit log line", "record", "service/audit.py"),
-    ("  audit insert query", "insert_audit", "service/db/queries.py"),
-    ("every asyncpg query (Database._run)", "Database._run", "service/db/pool.py"),
+    ("audit.emit: row insert + audit log line", "emit", "service/audit.py"),
+    ("  audit insert query", "insert", _DB + "audit.py"),
+    ("every asyncpg query (Database._run)", "Database._run", _DB + "pool.py"),
     (
         "every socket write (transport.write, incl. kernel)",
         "_SelectorSocketTransport.write",

@@ -1,4 +1,8 @@
-"""Print a results file of ``run.py`` as the Markdown table of README's "Performance".
+"""The figures of a ``run.py`` run: medians, ratios, issue 7's targets, and their text.
+
+Pure functions of the phases' figures (no measuring here): ``run.py`` prints
+:func:`text` and writes the results file; run as a script, this prints a
+results file as the Markdown table of README's "Performance":
 
 .venv/bin/python bench/report.py bench/results/latest.json
 """
@@ -8,22 +12,246 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROWS = (
-    ("requests/s", "requests_per_s", 0),
-    ("p50 / p95 / p99 (ms)", None, 1),
-    ("service CPU µs/request", "cpu_us_per_request", 0),
-    ("Postgres CPU µs/request", "pg_cpu_us_per_request", 0),
-    ("peak RSS MB", "peak_rss_mb", 0),
+from stats import median, ratio
+
+Phases = list[dict[str, Any]]
+
+# Medians over the repetitions, per target.
+METRICS = (
+    "requests_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "cpu_us_per_request",
+    "cpu_user_us_per_request",
+    "cpu_sys_us_per_request",
+    "pg_cpu_us_per_request",
+    "pg_background_cpu_us_per_request",
+    "standin_cpu_us_per_request",
+    "peak_rss_mb",
+    "db_find_client_per_request",
+    "db_resolve_per_request",
+    "db_insert_audit_per_request",
+    "other_cpu_cores",
+)
+# Service / floor, median of the back-to-back pairs: throughput, latency, CPU
+# (the first seven above) and peak RSS.
+RATIO_METRICS = (*METRICS[:7], "peak_rss_mb")
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    key: str | None  # None: p50 / p95 / p99 in one cell (Markdown)
+    digits: int
+
+
+TABLE_ROWS = (
+    Row("requests/s", "requests_per_s", 0),
+    Row("latency p50 (ms)", "p50_ms", 1),
+    Row("latency p95 (ms)", "p95_ms", 1),
+    Row("latency p99 (ms)", "p99_ms", 1),
+    Row("service CPU (µs/request)", "cpu_us_per_request", 0),
+    Row("  of which user", "cpu_user_us_per_request", 0),
+    Row("  of which system", "cpu_sys_us_per_request", 0),
+    Row("Postgres CPU (µs/request)", "pg_cpu_us_per_request", 0),
+    Row("peak RSS (MB)", "peak_rss_mb", 1),
+    Row("stand-in CPU (µs/request)", "standin_cpu_us_per_request", 0),
+    Row("other load (cores)", "other_cpu_cores", 2),
+)
+MARKDOWN_ROWS = (
+    Row("requests/s", "requests_per_s", 0),
+    Row("p50 / p95 / p99 (ms)", None, 1),
+    Row("service CPU µs/request", "cpu_us_per_request", 0),
+    Row("Postgres CPU µs/request", "pg_cpu_us_per_request", 0),
+    Row("peak RSS MB", "peak_rss_mb", 0),
 )
 
 
-def _n(value: Any, digits: int) -> str:
+def fmt(value: Any, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:,.{digits}f}"
+
+
+# --- figures -------------------------------------------------------------
+
+
+def summarise(phases: Phases) -> dict[str, Any]:
+    """Median of each metric over the phases (NaN values left out)."""
+    out: dict[str, Any] = {}
+    for metric in METRICS:
+        values = [p[metric] for p in phases if metric in p and not math.isnan(p[metric])]
+        if values:
+            out[metric] = median(values)
+    return out
+
+
+def paired_ratios(service: Phases, floor: Phases) -> dict[str, float]:
+    """Median over repetitions of service / floor, each pair measured back to back:
+    a machine that gets slower or busier for a while moves both sides of a pair."""
+    out: dict[str, float] = {}
+    for metric in RATIO_METRICS:
+        values = [
+            ratio(s[metric], f[metric])
+            for s, f in zip(service, floor, strict=False)
+            if metric in s and metric in f
+        ]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            out[metric] = median(values)
+    return out
+
+
+def scenario_result(scenario: dict[str, Any], service: Phases, floor: Phases) -> dict[str, Any]:
+    """One scenario's entry of the results file (``scenario``: key, title,
+    latency_ms, mode, level)."""
+    return {
+        **scenario,
+        "service": summarise(service),
+        "floor": summarise(floor),
+        "ratios": paired_ratios(service, floor),
+        "phases": {"service": service, "floor": floor},
+    }
+
+
+def _target(values: dict[str, Any], ok: Callable[[Any], bool]) -> dict[str, Any]:
+    return {"values": values, "met": all(ok(v) for v in values.values()) if values else None}
+
+
+def _p99_excess(s: dict[str, Any]) -> dict[str, Any]:
+    service, floor = s["service"].get("p99_ms"), s["floor"].get("p99_ms")
+    excess = s["service"].get("p99_ms", math.nan) - s["floor"].get("p99_ms", 0)
+    return {"service_p99_ms": service, "floor_p99_ms": floor, "excess_ms": excess}
+
+
+def _flat(scenarios: list[dict[str, Any]], other_run: dict[str, Any]) -> dict[str, Any]:
+    """Two runs, minutes apart, on a shared machine: the floor (no database) is
+    the control, so the comparison is on service CPU / floor CPU."""
+    other = {s["key"]: s for s in other_run["scenarios"]}
+    out = {}
+    for s in scenarios:
+        if s["key"] in other and s["mode"] == "closed":
+            before = other[s["key"]]
+            a = before["ratios"]["cpu_us_per_request"]
+            b = s["ratios"]["cpu_us_per_request"]
+            out[s["key"]] = {
+                f"cpu_ratio_users_{other_run['meta']['users']}": a,
+                "cpu_ratio_this_run": b,
+                "change": b / a - 1,
+                "service_cpu_change_absolute": s["service"]["cpu_us_per_request"]
+                / before["service"]["cpu_us_per_request"]
+                - 1,
+            }
+    return out
+
+
+def targets(scenarios: list[dict[str, Any]], other_run: dict[str, Any] | None) -> dict[str, Any]:
+    """Issue 7's targets against these figures (reported; the exit code ignores them)."""
+    closed = [s for s in scenarios if s["mode"] == "closed"]
+    out = {
+        "service_cpu_le_1.5x_floor": _target(
+            {s["key"]: s["ratios"]["cpu_us_per_request"] for s in closed}, lambda v: v <= 1.5
+        ),
+        "postgres_cpu_le_300us": _target(
+            {s["key"]: s["service"].get("pg_cpu_us_per_request") for s in scenarios},
+            lambda v: v is not None and v <= 300,
+        ),
+        "open_loop_50ms_p99_le_floor_plus_5ms": _target(
+            {
+                s["key"]: _p99_excess(s)
+                for s in scenarios
+                if s["mode"] == "open" and s["latency_ms"] == 50
+            },
+            lambda v: v["excess_ms"] <= 5,
+        ),
+        "peak_rss_le_150mb_at_c200": _target(
+            {s["key"]: s["service"].get("peak_rss_mb") for s in closed if s["level"] == 200},
+            lambda v: v is not None and v <= 150,
+        ),
+    }
+    if other_run is not None:
+        out["flat_1m_vs_100k_within_10pct"] = _target(
+            _flat(scenarios, other_run), lambda v: abs(v["change"]) <= 0.10
+        )
+    return out
+
+
+# --- text ----------------------------------------------------------------
+
+
+def table(s: dict[str, Any], reps: int) -> list[str]:
+    """One scenario of the results file as the table ``make bench`` prints."""
+    lines = [
+        f"{s['title']}  (medians of {reps}; ratio: median of the back-to-back pairs)",
+        f"  {'':<28}{'service':>12}{'floor':>12}{'ratio':>9}",
+    ]
+    for row in TABLE_ROWS:
+        key = row.key or ""
+        r = s["ratios"].get(key, math.nan)
+        shown = fmt(r, 2) + "×" if key in RATIO_METRICS and not math.isnan(r) else ""
+        lines.append(
+            f"  {row.label:<28}{fmt(s['service'].get(key), row.digits):>12}"
+            f"{fmt(s['floor'].get(key), row.digits):>12}{shown:>9}"
+        )
+    return lines
+
+
+def diagnostics(extra: dict[str, Any], profile_path: Path) -> list[str]:
+    """What the optional diagnostics found (nothing for those that did not run)."""
+    lines = []
+    if extra.get("round_trips"):
+        lines += [
+            "",
+            "Postgres round trips per request (strace on the backends, 200 requests each):",
+        ]
+        for principal, value in extra["round_trips"].items():
+            shown = f"{value['round_trips_per_request']:.2f}" if value else "n/a"
+            lines.append(f"  {principal} principal: {shown}")
+    if extra.get("postgres_statement_cpu_us"):
+        lines += ["", "Postgres backend CPU per statement (µs, one connection, 2000 executions):"]
+        for label, value in extra["postgres_statement_cpu_us"].items():
+            lines.append(f"  {value:7.1f}  {label}")
+    if extra.get("profile"):
+        lines += ["", f"Profile: {profile_path}"]
+    return lines
+
+
+MET = {True: "met", False: "NOT met", None: "n/a"}
+
+
+def targets_text(result: dict[str, Any]) -> list[str]:
+    lines = ["", "Issue 7 targets (reported, not enforced):"]
+    for name, entry in result.items():
+        lines.append(f"  {name}: {MET[entry['met']]}")
+        for key, value in entry["values"].items():
+            if isinstance(value, dict):
+                shown = ", ".join(f"{k}={fmt(v, 2)}" for k, v in value.items())
+            else:
+                shown = fmt(value, 2)
+            lines.append(f"      {key}: {shown}")
+    return lines
+
+
+def text(result: dict[str, Any], profile_path: Path) -> str:
+    """What ``make bench`` prints on stdout, from its results file."""
+    meta = result["meta"]
+    lines = [
+        "",
+        f"portal-gateway bench: {meta['users']:,} users, {meta['reps']} repetitions,"
+        f" {meta['duration_s']:g} s closed-loop / {meta['open_duration_s']:g} s open-loop phases",
+    ]
+    for s in result["scenarios"]:
+        lines += ["", *table(s, meta["reps"])]
+    lines += diagnostics(result, profile_path)
+    lines += targets_text(result["targets"])
+    lines += ["", f"whole run: {meta['wall_seconds']:.0f} s"]
+    return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -42,26 +270,33 @@ def markdown(result: dict[str, Any]) -> str:
         title = f"{s['latency_ms']:g} ms upstream, " + (
             f"c={s['level']:g}" if s["mode"] == "closed" else f"{s['level']:g} req/s open loop"
         )
-        for i, (label, key, digits) in enumerate(ROWS):
+        for i, row in enumerate(MARKDOWN_ROWS):
             name = f"**{title}**" if i == 0 else ""
-            if key is None:
-                row = [
-                    "/".join(_n(d.get(k), digits) for k in ("p50_ms", "p95_ms", "p99_ms"))
+            if row.key is None:
+                cells = [
+                    "/".join(fmt(d.get(k), row.digits) for k in ("p50_ms", "p95_ms", "p99_ms"))
                     for d in (svc, flo)
                 ]
-                r = f"{_n(rat.get('p99_ms'), 2)}× (p99)"
+                r = f"{fmt(rat.get('p99_ms'), 2)}× (p99)"
             else:
-                row = [_n(svc.get(key), digits), _n(flo.get(key), digits)]
-                r = f"{_n(rat.get(key), 2)}×" if key in rat else ""
-            lines.append(f"| {name} | {label} | {row[0]} | {row[1]} | {r} |")
+                cells = [fmt(svc.get(row.key), row.digits), fmt(flo.get(row.key), row.digits)]
+                r = f"{fmt(rat.get(row.key), 2)}×" if row.key in rat else ""
+            lines.append(f"| {name} | {row.label} | {cells[0]} | {cells[1]} | {r} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(description="Print a results file as a Markdown table.")
     parser.add_argument("results", type=Path)
+    parser.add_argument(
+        "--text", action="store_true", help="the tables of `make bench` instead of Markdown"
+    )
     args = parser.parse_args()
-    print(markdown(json.loads(args.results.read_text())), end="")
+    result = json.loads(args.results.read_text())
+    if args.text:
+        print(text(result, args.results.parent / "profile.txt"))
+    else:
+        print(markdown(result), end="")
 
 
 if __name__ == "__main__":
