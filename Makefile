@@ -38,6 +38,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 migrate: venv
 	@$(with_database) $(BIN)/portal-gateway migrate

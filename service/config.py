@@ -1,22 +1,27 @@
 """Settings: one frozen, typed object built once from the environment.
 
-Nothing else in the service reads ``os.environ``. Every secret can come from
-``NAME`` or from a file named by ``NAME_FILE``; secrets are wrapped in
-:class:`Secret` so that ``repr()`` of the settings never shows them.
+Nothing else in the service reads ``os.environ``. Each setting is declared once,
+as a field of :class:`Settings` made by :func:`setting`: its variable, parser,
+default and one line of documentation. :meth:`Settings.from_env` and the
+README's table (:func:`configuration_table`) both follow from those
+declarations. Every secret can come from ``NAME`` or from a file named by
+``NAME_FILE``; secrets are wrapped in :class:`Secret` so that ``repr()`` of the
+settings never shows them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from service.return_urls import parse_origins, parse_return_url_allowlist
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/portal_gateway"
 DEFAULT_STRIPE_API_VERSION = "2025-09-30.clover"
@@ -26,6 +31,7 @@ ALLOWED_JWT_ALGORITHMS = frozenset(
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 class ConfigError(Exception):
@@ -60,209 +66,60 @@ class Secret:
         return hash(self._value)
 
 
+# --- declaring a setting -----------------------------------------------------------
+
+_DECLARATION = "portal_gateway.setting"  # the key of a declaration in a field's metadata
+
+
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Every knob of the service. Build with :meth:`from_env`."""
-
-    stripe_api_key: Secret | None = None
-    database_url: Secret = dataclasses.field(default_factory=lambda: Secret(DEFAULT_DATABASE_URL))
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
-    port: int = 8080
-    stripe_api_base: str = "https://api.stripe.com"
-    stripe_api_version: str = DEFAULT_STRIPE_API_VERSION
-    stripe_timeout_seconds: float = 5.0
-    stripe_connect_timeout_seconds: float = 2.0
-    stripe_max_retries: int = 2
-    # Full-jitter backoff window: initial * 2**(n-1), capped (stripe-python: 0.5 s / 2 s).
-    stripe_backoff_initial_seconds: float = 0.25
-    stripe_backoff_max_seconds: float = 2.0
-    stripe_max_connections: int = 100
-    request_deadline_seconds: float = 10.0
-    breaker_failure_threshold: int = 5
-    breaker_cooldown_seconds: float = 30.0
-    stripe_webhook_secrets: tuple[Secret, ...] = ()
-    return_url_allowlist: tuple[str, ...] = ()
-    default_return_url: str | None = None
-    allow_http_localhost: bool = False
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    jwt_algorithms: tuple[str, ...] = ("RS256",)
-    jwt_jwks_url: str | None = None
-    jwt_jwks_min_refresh_seconds: float = 30.0
-    jwt_public_key_file: Path | None = None
-    jwt_hs256_secret: Secret | None = None
-    end_user_rate_limit_per_minute: int = 60
-    idempotency_ttl_seconds: int = 300
-    cors_allowed_origins: tuple[str, ...] = ()
-    max_in_flight: int = 256
-    shutdown_timeout: float = 20.0
-    db_pool_min_size: int = 2
-    db_pool_max_size: int = 10
-    # Bounds each database call whole (pool wait, connect, statement): an outage
-    # is a 503 within it, under the 2 s SPEC §8 promises.
-    db_timeout_seconds: float = 1.5
-    log_level: str = "INFO"
-    log_format: str = "json"
-
-    @property
-    def livemode(self) -> bool:
-        """Whether the Stripe key is a live-mode key."""
-        key = self.stripe_api_key.reveal() if self.stripe_api_key else ""
-        return key.startswith(("sk_live_", "rk_live_"))
-
-    @property
-    def jwt_enabled(self) -> bool:
-        """End-user tokens are accepted only when a key source is configured."""
-        return bool(self.jwt_jwks_url or self.jwt_public_key_file or self.jwt_hs256_secret)
-
-    def replace(self, **changes: object) -> Settings:
-        """A copy with some fields changed (tests and the demo use this)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_os_env(cls, *, serving: bool = True) -> Settings:
-        """Settings from this process's environment (the only reader of os.environ)."""
-        return cls.from_env(os.environ, serving=serving)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], *, serving: bool = True) -> Settings:
-        """Build and validate the settings; raise ConfigError naming the first bad variable.
-
-        ``serving=False`` is for CLI commands that never call Stripe (migrate,
-        import, clients): they need no Stripe key.
-        """
-        r = _Reader(env)
-        api_key = r.secret("STRIPE_API_KEY", required=serving)
-        if api_key is not None and not re.fullmatch(
-            r"(sk|rk)_(test|live)_[A-Za-z0-9_]+", api_key.reveal()
-        ):
-            raise ConfigError(
-                "STRIPE_API_KEY", "must be a Stripe secret or restricted key (sk_… or rk_…)"
-            )
-        hs_secret = r.secret("JWT_HS256_SECRET")
-        if hs_secret is not None and len(hs_secret.reveal()) < 32:
-            raise ConfigError("JWT_HS256_SECRET", "must be at least 32 characters")
-        default_algorithms: tuple[str, ...] = ("RS256",)
-        algorithms = r.parse("JWT_ALGORITHMS", _csv, default_algorithms)
-        for alg in algorithms:
-            if alg not in ALLOWED_JWT_ALGORITHMS:
-                raise ConfigError("JWT_ALGORITHMS", f"unsupported algorithm {alg!r}")
-        public_key_file = r.parse("JWT_PUBLIC_KEY_FILE", _readable_path, None)
-        settings = cls(
-            stripe_api_key=api_key,
-            database_url=_database_url(r.secret("DATABASE_URL")),
-            host=r.parse("HOST", _nonempty, "0.0.0.0"),  # noqa: S104
-            port=r.parse("PORT", _int_in(1, 65535), 8080),
-            stripe_api_base=r.parse("STRIPE_API_BASE", _http_base_url, "https://api.stripe.com"),
-            stripe_api_version=r.parse("STRIPE_API_VERSION", _nonempty, DEFAULT_STRIPE_API_VERSION),
-            stripe_timeout_seconds=r.parse("STRIPE_TIMEOUT_SECONDS", _float_in(0.01, 120), 5.0),
-            stripe_connect_timeout_seconds=r.parse(
-                "STRIPE_CONNECT_TIMEOUT_SECONDS", _float_in(0.01, 60), 2.0
-            ),
-            stripe_max_retries=r.parse("STRIPE_MAX_RETRIES", _int_in(0, 10), 2),
-            stripe_backoff_initial_seconds=r.parse(
-                "STRIPE_BACKOFF_INITIAL_SECONDS", _float_in(0, 60), 0.25
-            ),
-            stripe_backoff_max_seconds=r.parse(
-                "STRIPE_BACKOFF_MAX_SECONDS", _float_in(0, 300), 2.0
-            ),
-            stripe_max_connections=r.parse("STRIPE_MAX_CONNECTIONS", _int_in(1, 10000), 100),
-            request_deadline_seconds=r.parse(
-                "REQUEST_DEADLINE_SECONDS", _float_in(0.05, 300), 10.0
-            ),
-            breaker_failure_threshold=r.parse("BREAKER_FAILURE_THRESHOLD", _int_in(1, 1000), 5),
-            breaker_cooldown_seconds=r.parse(
-                "BREAKER_COOLDOWN_SECONDS", _float_in(0.01, 3600), 30.0
-            ),
-            stripe_webhook_secrets=tuple(
-                Secret(s) for s in _csv((r.secret("STRIPE_WEBHOOK_SECRETS") or Secret("")).reveal())
-            ),
-            return_url_allowlist=r.parse("RETURN_URL_ALLOWLIST", _return_url_origins, ()),
-            default_return_url=r.parse("DEFAULT_RETURN_URL", _absolute_url, None),
-            allow_http_localhost=r.parse("ALLOW_HTTP_LOCALHOST", _bool, False),
-            jwt_issuer=r.parse("JWT_ISSUER", _nonempty, None),
-            jwt_audience=r.parse("JWT_AUDIENCE", _nonempty, None),
-            jwt_algorithms=algorithms,
-            jwt_jwks_url=r.parse("JWT_JWKS_URL", _http_base_url, None),
-            jwt_jwks_min_refresh_seconds=r.parse(
-                "JWT_JWKS_MIN_REFRESH_SECONDS", _float_in(0, 3600), 30.0
-            ),
-            jwt_public_key_file=public_key_file,
-            jwt_hs256_secret=hs_secret,
-            end_user_rate_limit_per_minute=r.parse(
-                "END_USER_RATE_LIMIT_PER_MINUTE", _int_in(1, 1_000_000), 60
-            ),
-            idempotency_ttl_seconds=r.parse("IDEMPOTENCY_TTL_SECONDS", _int_in(1, 86400), 300),
-            cors_allowed_origins=r.parse("CORS_ALLOWED_ORIGINS", _origins, ()),
-            max_in_flight=r.parse("MAX_IN_FLIGHT", _int_in(1, 100_000), 256),
-            shutdown_timeout=r.parse("SHUTDOWN_TIMEOUT", _float_in(0, 3600), 20.0),
-            db_pool_min_size=r.parse("DB_POOL_MIN_SIZE", _int_in(0, 1000), 2),
-            db_pool_max_size=r.parse("DB_POOL_MAX_SIZE", _int_in(1, 1000), 10),
-            db_timeout_seconds=r.parse("DB_TIMEOUT_SECONDS", _float_in(0.05, 60), 1.5),
-            log_level=r.parse("LOG_LEVEL", _one_of(_LOG_LEVELS, upper=True), "INFO"),
-            log_format=r.parse("LOG_FORMAT", _one_of(("json", "console")), "json"),
-        )
-        _check_cross_field(settings)
-        return settings
+class _Declaration:
+    variable: str
+    parse: Callable[[str], object]
+    default: object
+    doc: str
+    secret: bool
+    required_to_serve: bool
 
 
-def _check_cross_field(s: Settings) -> None:
-    if s.db_pool_min_size > s.db_pool_max_size:
-        raise ConfigError("DB_POOL_MIN_SIZE", "must not exceed DB_POOL_MAX_SIZE")
-    if s.jwt_enabled and not (s.jwt_issuer and s.jwt_audience):
-        missing = "JWT_ISSUER" if not s.jwt_issuer else "JWT_AUDIENCE"
-        raise ConfigError(missing, "is required when end-user tokens are enabled")
-    hmac_algs = [a for a in s.jwt_algorithms if a.startswith("HS")]
-    if s.jwt_hs256_secret is not None and not hmac_algs:
-        raise ConfigError("JWT_ALGORITHMS", "must include HS256 when JWT_HS256_SECRET is set")
-    if hmac_algs and s.jwt_hs256_secret is None and s.jwt_enabled:
-        # An RSA/EC public key must never be usable as an HMAC secret.
-        raise ConfigError("JWT_ALGORITHMS", "HS* algorithms need JWT_HS256_SECRET")
-    if s.stripe_backoff_initial_seconds > s.stripe_backoff_max_seconds:
-        raise ConfigError(
-            "STRIPE_BACKOFF_INITIAL_SECONDS", "must not exceed STRIPE_BACKOFF_MAX_SECONDS"
-        )
-    if s.stripe_timeout_seconds > s.request_deadline_seconds:
-        raise ConfigError("STRIPE_TIMEOUT_SECONDS", "must not exceed REQUEST_DEADLINE_SECONDS")
+def setting(
+    variable: str,
+    parse: Callable[[str], T],
+    default: T,
+    doc: str,
+    *,
+    secret: bool = False,
+    required_to_serve: bool = False,
+) -> T:
+    """A field of :class:`Settings`, read from ``variable`` by ``parse``.
+
+    ``parse`` gets the stripped, non-empty value and raises ValueError with a
+    message such as "must be …"; an unset or empty variable leaves ``default``.
+    A ``secret`` may also come from the file named by ``{variable}_FILE``, and
+    its parser must never repeat the value.
+    """
+    declaration = _Declaration(variable, parse, default, doc, secret, required_to_serve)
+    return dataclasses.field(default=default, metadata={_DECLARATION: declaration})
 
 
-class _Reader:
-    """Reads variables, turning parse failures into ConfigErrors that name them."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def parse(self, name: str, parser: Callable[[str], T], default: T) -> T:
-        raw = self._env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return parser(raw.strip())
-        except ValueError as exc:
-            raise ConfigError(name, str(exc)) from None
-
-    def secret(self, name: str, *, required: bool = False) -> Secret | None:
-        direct = self._env.get(name, "").strip()
-        file_name = self._env.get(f"{name}_FILE", "").strip()
-        if direct and file_name:
-            raise ConfigError(name, f"set either {name} or {name}_FILE, not both")
-        if file_name:
-            try:
-                value = Path(file_name).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(f"{name}_FILE", f"cannot read file ({exc.strerror})") from None
-            if not value:
-                raise ConfigError(f"{name}_FILE", "file is empty")
-            return Secret(value)
-        if direct:
-            return Secret(direct)
-        if required:
-            raise ConfigError(name, f"is required (or {name}_FILE)")
-        return None
+def _read(env: Mapping[str, str], variable: str, *, secret: bool) -> str | None:
+    """The stripped value of ``variable``, or of the file ``variable_FILE`` names; None if unset."""
+    direct = env.get(variable, "").strip()
+    file_variable = f"{variable}_FILE"
+    file_name = env.get(file_variable, "").strip() if secret else ""
+    if direct and file_name:
+        raise ConfigError(variable, f"set either {variable} or {file_variable}, not both")
+    if not file_name:
+        return direct or None
+    try:
+        value = Path(file_name).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(file_variable, f"cannot read file ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(file_variable, "file is empty")
+    return value
 
 
-def _nonempty(raw: str) -> str:
-    return raw
+# --- parsers: str -> value, ValueError("must be …") when the value is bad ---------
 
 
 def _bool(raw: str) -> bool:
@@ -275,26 +132,21 @@ def _bool(raw: str) -> bool:
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"must be an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
+    return _number_in(int, "an integer", low, high)
 
 
 def _float_in(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
+    return _number_in(float, "a number", low, high)
+
+
+def _number_in(kind: type[N], what: str, low: N, high: N) -> Callable[[str], N]:
+    def parse(raw: str) -> N:
         try:
-            value = float(raw)
+            value = kind(raw)
         except ValueError:
-            raise ValueError(f"must be a number, got {raw!r}") from None
-        if not math.isfinite(value) or not low <= value <= high:
-            raise ValueError(f"must be between {low:g} and {high:g}, got {raw}")
+            raise ValueError(f"must be {what}, got {raw!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:  # float() takes "nan" and "inf"
+            raise ValueError(f"must be between {low} and {high}, got {raw}")
         return value
 
     return parse
@@ -328,73 +180,342 @@ def _absolute_url(raw: str) -> str:
     return raw
 
 
-def _database_url(url: Secret | None) -> Secret:
-    # asyncpg takes only URLs; anything else would fail later, as a connection
-    # error (exit 1) instead of a configuration error. The value may hold a
-    # password, so the message never repeats it.
-    if url is None:
-        return Secret(DEFAULT_DATABASE_URL)
-    scheme, sep, rest = url.reveal().partition("://")
-    if not sep or scheme.lower() not in ("postgres", "postgresql") or not rest:
-        raise ConfigError("DATABASE_URL", "must be a postgresql://user@host:port/database URL")
-    return url
-
-
-# A plain DNS name (a trailing dot is another origin to a browser, so it is kept).
-_DNS_NAME = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)\.?")
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def _origins(raw: str) -> tuple[str, ...]:
-    origins = []
-    for item in _csv(raw):
-        problem = f"must be comma-separated origins like https://app.example.com, got {item!r}"
-        parts = urlsplit(item)
-        if (
-            parts.scheme.lower() not in ("http", "https")
-            or not parts.hostname
-            or parts.path not in ("", "/")
-            or parts.query
-            or parts.fragment
-            or "@" in parts.netloc
-        ):
-            raise ValueError(problem)
-        host = parts.hostname
-        if ":" in host:  # an IPv6 literal: keep the brackets an Origin header has
-            try:
-                host = f"[{ipaddress.IPv6Address(host).compressed}]"
-            except ValueError:
-                raise ValueError(problem) from None
-        elif not _DNS_NAME.fullmatch(host):
-            # Wildcards, spaces and non-ASCII names could never match a request's origin.
-            raise ValueError(problem)
-        origins.append(normalise_origin(parts.scheme, host, parts.port))
-    return tuple(origins)
-
-
-def _return_url_origins(raw: str) -> tuple[str, ...]:
-    origins = _origins(raw)
-    for origin in origins:
-        parts = urlsplit(origin)
-        if parts.scheme == "http" and (parts.hostname or "") not in _LOCAL_HOSTS:
-            # Return URLs must be https (plain http only for localhost), so this
-            # entry could never match: refuse it rather than ignore it silently.
-            raise ValueError(f"plain http is only allowed for localhost, got {origin!r}")
-    return origins
-
-
-def normalise_origin(scheme: str, host: str, port: int | None) -> str:
-    """``scheme://host[:port]`` lower-cased, with the scheme's default port dropped."""
-    scheme = scheme.lower()
-    host = host.lower()
-    default = {"http": 80, "https": 443}.get(scheme)
-    if port is None or port == default:
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{port}"
-
-
 def _readable_path(raw: str) -> Path:
     path = Path(raw)
     if not path.is_file():
         raise ValueError(f"file not found: {raw}")
     return path
+
+
+def _jwt_algorithms(raw: str) -> tuple[str, ...]:
+    algorithms = _csv(raw)
+    for alg in algorithms:
+        if alg not in ALLOWED_JWT_ALGORITHMS:
+            raise ValueError(f"unsupported algorithm {alg!r}")
+    return algorithms
+
+
+# The secret parsers below never put the value into their messages.
+
+
+def _database_url(raw: str) -> Secret:
+    # asyncpg takes only URLs; anything else would fail later, as a connection
+    # error (exit 1) instead of a configuration error. The value may hold a
+    # password, so the message never repeats it.
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() not in ("postgres", "postgresql") or not rest:
+        raise ValueError("must be a postgresql://user@host:port/database URL")
+    return Secret(raw)
+
+
+def _stripe_key(raw: str) -> Secret:
+    if not re.fullmatch(r"(sk|rk)_(test|live)_[A-Za-z0-9_]+", raw):
+        raise ValueError("must be a Stripe secret or restricted key (sk_… or rk_…)")
+    return Secret(raw)
+
+
+def _hs256_secret(raw: str) -> Secret:
+    if len(raw) < 32:
+        raise ValueError("must be at least 32 characters")
+    return Secret(raw)
+
+
+def _secrets(raw: str) -> tuple[Secret, ...]:
+    return tuple(Secret(part) for part in _csv(raw))
+
+
+# --- the settings --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the service. Build with :meth:`from_env`."""
+
+    stripe_api_key: Secret | None = setting(
+        "STRIPE_API_KEY",
+        _stripe_key,
+        None,
+        "Stripe secret or restricted key (`sk_…`/`rk_…`); test vs live must match the database",
+        secret=True,
+        required_to_serve=True,
+    )
+    database_url: Secret = setting(
+        "DATABASE_URL",
+        _database_url,
+        # Hashable and never mutated, so one instance may be every default.
+        Secret(DEFAULT_DATABASE_URL),
+        "Postgres to connect to (`postgresql://user@host:port/database`)",
+        secret=True,
+    )
+    host: str = setting("HOST", str, "0.0.0.0", "address the API listens on")  # noqa: S104 - a container listens on all
+    port: int = setting("PORT", _int_in(1, 65535), 8080, "TCP port of the API")
+    stripe_api_base: str = setting(
+        "STRIPE_API_BASE",
+        _http_base_url,
+        "https://api.stripe.com",
+        "Stripe's API; for the stand-in or stripe-mock: `http://127.0.0.1:12111`",
+    )
+    stripe_api_version: str = setting(
+        "STRIPE_API_VERSION", str, DEFAULT_STRIPE_API_VERSION, "sent as `Stripe-Version`"
+    )
+    stripe_timeout_seconds: float = setting(
+        "STRIPE_TIMEOUT_SECONDS", _float_in(0.01, 120), 5.0, "bound on one Stripe attempt"
+    )
+    stripe_connect_timeout_seconds: float = setting(
+        "STRIPE_CONNECT_TIMEOUT_SECONDS",
+        _float_in(0.01, 60),
+        2.0,
+        "bound on connecting to Stripe, per attempt",
+    )
+    stripe_max_retries: int = setting(
+        "STRIPE_MAX_RETRIES", _int_in(0, 10), 2, "retries of retryable Stripe failures"
+    )
+    # Full jitter, as stripe-python (which waits 0.5 s initially, 2 s at most).
+    stripe_backoff_initial_seconds: float = setting(
+        "STRIPE_BACKOFF_INITIAL_SECONDS",
+        _float_in(0, 60),
+        0.25,
+        "retry backoff: a random wait in `[0, min(max, initial·2ⁿ⁻¹)]`,"
+        " or Stripe's `Retry-After` if longer",
+    )
+    stripe_backoff_max_seconds: float = setting(
+        "STRIPE_BACKOFF_MAX_SECONDS", _float_in(0, 300), 2.0, "cap of the retry backoff"
+    )
+    stripe_max_connections: int = setting(
+        "STRIPE_MAX_CONNECTIONS", _int_in(1, 10000), 100, "keep-alive pool to Stripe"
+    )
+    request_deadline_seconds: float = setting(
+        "REQUEST_DEADLINE_SECONDS",
+        _float_in(0.05, 300),
+        10.0,
+        "bound on a whole request, retries included",
+    )
+    breaker_failure_threshold: int = setting(
+        "BREAKER_FAILURE_THRESHOLD",
+        _int_in(1, 1000),
+        5,
+        "failures in a row that open the circuit breaker (per replica)",
+    )
+    breaker_cooldown_seconds: float = setting(
+        "BREAKER_COOLDOWN_SECONDS",
+        _float_in(0.01, 3600),
+        30.0,
+        "how long the open breaker refuses before one trial call",
+    )
+    stripe_webhook_secrets: tuple[Secret, ...] = setting(
+        "STRIPE_WEBHOOK_SECRETS",
+        _secrets,
+        (),
+        "webhook signing secrets, comma-separated (more than one during rotation)",
+        secret=True,
+    )
+    return_url_allowlist: tuple[str, ...] = setting(
+        "RETURN_URL_ALLOWLIST",
+        parse_return_url_allowlist,
+        (),
+        "comma-separated origins return URLs may go to (`https://app.example.com`)",
+    )
+    default_return_url: str | None = setting(
+        "DEFAULT_RETURN_URL",
+        _absolute_url,
+        None,
+        "return URL used when neither the request nor the profile gives one",
+    )
+    allow_http_localhost: bool = setting(
+        "ALLOW_HTTP_LOCALHOST",
+        _bool,
+        False,
+        "allow plain-http return URLs to localhost, 127.0.0.1 and [::1] (development)",
+    )
+    jwt_issuer: str | None = setting("JWT_ISSUER", str, None, "`iss` required of end-user tokens")
+    jwt_audience: str | None = setting(
+        "JWT_AUDIENCE", str, None, "`aud` required of end-user tokens"
+    )
+    jwt_algorithms: tuple[str, ...] = setting(
+        "JWT_ALGORITHMS",
+        _jwt_algorithms,
+        ("RS256",),
+        "comma-separated algorithms end-user tokens may use",
+    )
+    jwt_jwks_url: str | None = setting(
+        "JWT_JWKS_URL", _http_base_url, None, "JWKS of the end-user token keys"
+    )
+    jwt_jwks_min_refresh_seconds: float = setting(
+        "JWT_JWKS_MIN_REFRESH_SECONDS",
+        _float_in(0, 3600),
+        30.0,
+        "least time between JWKS refetches for unknown `kid`s",
+    )
+    jwt_public_key_file: Path | None = setting(
+        "JWT_PUBLIC_KEY_FILE", _readable_path, None, "PEM public key that verifies end-user tokens"
+    )
+    jwt_hs256_secret: Secret | None = setting(
+        "JWT_HS256_SECRET",
+        _hs256_secret,
+        None,
+        "shared secret (32 characters or more) that verifies HS* end-user tokens",
+        secret=True,
+    )
+    end_user_rate_limit_per_minute: int = setting(
+        "END_USER_RATE_LIMIT_PER_MINUTE",
+        _int_in(1, 1_000_000),
+        60,
+        "requests per end user and minute (per replica)",
+    )
+    idempotency_ttl_seconds: int = setting(
+        "IDEMPOTENCY_TTL_SECONDS",
+        _int_in(1, 86400),
+        300,
+        "how long an `Idempotency-Key` replays its first answer",
+    )
+    cors_allowed_origins: tuple[str, ...] = setting(
+        "CORS_ALLOWED_ORIGINS",
+        parse_origins,
+        (),
+        "comma-separated browser origins allowed by CORS (none: CORS off)",
+    )
+    max_in_flight: int = setting(
+        "MAX_IN_FLIGHT",
+        _int_in(1, 100_000),
+        256,
+        "concurrent requests above which new ones get `503 overloaded`",
+    )
+    shutdown_timeout: float = setting(
+        "SHUTDOWN_TIMEOUT",
+        _float_in(0, 3600),
+        20.0,
+        "seconds in-flight requests get to finish on SIGTERM",
+    )
+    db_pool_min_size: int = setting(
+        "DB_POOL_MIN_SIZE", _int_in(0, 1000), 2, "Postgres connections kept open"
+    )
+    db_pool_max_size: int = setting(
+        "DB_POOL_MAX_SIZE", _int_in(1, 1000), 10, "most Postgres connections"
+    )
+    # An outage is a `503 database_unavailable` within this bound, under the 2 s
+    # SPEC §8 promises.
+    db_timeout_seconds: float = setting(
+        "DB_TIMEOUT_SECONDS",
+        _float_in(0.05, 60),
+        1.5,
+        "bound on a whole database call: pool wait, reconnect, statement",
+    )
+    log_level: str = setting(
+        "LOG_LEVEL", _one_of(_LOG_LEVELS, upper=True), "INFO", "DEBUG, INFO, WARNING or ERROR"
+    )
+    log_format: str = setting(
+        "LOG_FORMAT",
+        _one_of(("json", "console")),
+        "json",
+        "`json` (one object per line) or `console`",
+    )
+
+    @property
+    def livemode(self) -> bool:
+        """Whether the Stripe key is a live-mode key."""
+        key = self.stripe_api_key.reveal() if self.stripe_api_key else ""
+        return key.startswith(("sk_live_", "rk_live_"))
+
+    @property
+    def jwt_enabled(self) -> bool:
+        """End-user tokens are accepted only when a key source is configured."""
+        return bool(self.jwt_jwks_url or self.jwt_public_key_file or self.jwt_hs256_secret)
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests and the demo use this)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_os_env(cls, *, serving: bool = True) -> Settings:
+        """Settings from this process's environment (the only reader of os.environ)."""
+        return cls.from_env(os.environ, serving=serving)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, serving: bool = True) -> Settings:
+        """Build and validate the settings; raise ConfigError naming the first bad variable.
+
+        ``serving=False`` is for CLI commands that never call Stripe (migrate,
+        import, clients): they need no Stripe key.
+        """
+        values: dict[str, Any] = {}
+        for field, declaration in _DECLARED:
+            variable = declaration.variable
+            raw = _read(env, variable, secret=declaration.secret)
+            if raw is not None:
+                try:
+                    values[field] = declaration.parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(variable, str(exc)) from None
+            elif serving and declaration.required_to_serve:
+                raise ConfigError(variable, f"is required (or {variable}_FILE)")
+        # Unset variables are left out, so the field's declared default applies.
+        settings = cls(**values)
+        _check_cross_field(settings)
+        return settings
+
+
+def _declarations() -> tuple[tuple[str, _Declaration], ...]:
+    """(field, declaration) of every setting, in declaration order."""
+    found = []
+    for field in dataclasses.fields(Settings):
+        declaration = field.metadata.get(_DECLARATION)
+        if not isinstance(declaration, _Declaration):
+            raise TypeError(f"Settings.{field.name} is not declared with setting()")
+        found.append((field.name, declaration))
+    return tuple(found)
+
+
+_DECLARED = _declarations()
+
+
+def _check_cross_field(s: Settings) -> None:
+    if s.db_pool_min_size > s.db_pool_max_size:
+        raise ConfigError("DB_POOL_MIN_SIZE", "must not exceed DB_POOL_MAX_SIZE")
+    if s.jwt_enabled and not (s.jwt_issuer and s.jwt_audience):
+        missing = "JWT_ISSUER" if not s.jwt_issuer else "JWT_AUDIENCE"
+        raise ConfigError(missing, "is required when end-user tokens are enabled")
+    hmac_algs = [a for a in s.jwt_algorithms if a.startswith("HS")]
+    if s.jwt_hs256_secret is not None and not hmac_algs:
+        raise ConfigError("JWT_ALGORITHMS", "must include HS256 when JWT_HS256_SECRET is set")
+    if hmac_algs and s.jwt_hs256_secret is None and s.jwt_enabled:
+        # An RSA/EC public key must never be usable as an HMAC secret.
+        raise ConfigError("JWT_ALGORITHMS", "HS* algorithms need JWT_HS256_SECRET")
+    if s.stripe_backoff_initial_seconds > s.stripe_backoff_max_seconds:
+        raise ConfigError(
+            "STRIPE_BACKOFF_INITIAL_SECONDS", "must not exceed STRIPE_BACKOFF_MAX_SECONDS"
+        )
+    if s.stripe_timeout_seconds > s.request_deadline_seconds:
+        raise ConfigError("STRIPE_TIMEOUT_SECONDS", "must not exceed REQUEST_DEADLINE_SECONDS")
+
+
+# --- the README's table --------------------------------------------------------------
+
+
+def configuration_variables() -> tuple[str, ...]:
+    """Every variable the settings read, in declaration order (``NAME_FILE`` aside)."""
+    return tuple(declaration.variable for _, declaration in _DECLARED)
+
+
+def configuration_table() -> str:
+    """The Markdown table of variables the README's "Configuration" section shows."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for _, d in _DECLARED:
+        shown = f"`{d.variable}`" + (f" (or `{d.variable}_FILE`)" if d.secret else "")
+        default = "required for `serve`" if d.required_to_serve else _shown(d.default)
+        rows.append(f"| {shown} | {default} | {d.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: object) -> str:
+    if default is None or default == ():
+        return "—"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, float):
+        return f"`{default:g}`"
+    if isinstance(default, tuple):
+        return f"`{','.join(str(item) for item in default)}`"
+    if isinstance(default, Secret):
+        # A default is written in this file for all to read: it is no secret.
+        return f"`{default.reveal()}`"
+    return f"`{default}`"

@@ -291,7 +291,7 @@ class _Kind(Generic[R]):
 async def _check_customers(conn: Connection, parsed: _Parsed[Any]) -> list[_Problem]:
     problems: list[_Problem] = []
     portals = parsed.index[("portal",)]
-    for name in await imports.missing_profiles(conn, [k[0] for k in portals]):
+    for name in await imports.missing(conn, "profiles", [k[0] for k in portals]):
         problems.append(
             _Problem(
                 parsed.line_of(("portal",), (name,)),
@@ -324,7 +324,7 @@ async def _check_customers(conn: Connection, parsed: _Parsed[Any]) -> list[_Prob
 async def _check_subscriptions(conn: Connection, parsed: _Parsed[Any]) -> list[_Problem]:
     problems: list[_Problem] = []
     users = parsed.index[("user_id",)]
-    for user in await imports.missing_customers(conn, [k[0] for k in users]):
+    for user in await imports.missing(conn, "customers", [k[0] for k in users]):
         problems.append(
             _Problem(
                 parsed.line_of(("user_id",), (user,)),
@@ -365,7 +365,7 @@ KINDS: dict[str, _Kind[Any]] = {
             _Key(("portal",), lambda r: (r.portal,) if r.portal else None, unique=False),
         ),
         check=_check_customers,
-        write=imports.upsert_customers,
+        write=imports.upserting(imports.UPSERT_CUSTOMERS),
     ),
     "subscriptions": _Kind(
         columns=(
@@ -388,13 +388,13 @@ KINDS: dict[str, _Kind[Any]] = {
             _Key(("user_id",), lambda r: (r.user_id,), unique=False),
         ),
         check=_check_subscriptions,
-        write=imports.upsert_subscriptions,
+        write=imports.upserting(imports.UPSERT_SUBSCRIPTIONS),
     ),
     "plans": _Kind(
         columns=("plan", "stripe_price_id", "active"),
         parse=_plan,
         keys=(_Key(("plan",), lambda r: (r.plan,)),),
-        write=imports.upsert_plans,
+        write=imports.upserting(imports.UPSERT_PLANS),
     ),
     "profiles": _Kind(
         columns=("name", "configuration_id", "on_behalf_of", "default_return_url", "is_default"),
@@ -414,7 +414,7 @@ KINDS: dict[str, _Kind[Any]] = {
         columns=("name", "kind", "stripe_id"),
         parse=_offer,
         keys=(_Key(("name",), lambda r: (r.name,)),),
-        write=imports.upsert_offers,
+        write=imports.upserting(imports.UPSERT_OFFERS),
     ),
 }
 

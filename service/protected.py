@@ -35,7 +35,6 @@ from marshmallow import Schema, ValidationError
 from service import audit, keys
 from service.audit import AuditEvent
 from service.auth import Principal
-from service.bounded import read_request_body
 from service.errors import (
     BadRequest,
     DatabaseUnavailable,
@@ -48,6 +47,7 @@ from service.errors import (
 )
 from service.middlewares import log_fields, route_label
 from service.ratelimit import retry_after_seconds
+from service.request_body import read_request_body
 from service.schemas import flatten_errors
 
 audit_log = structlog.get_logger("audit")

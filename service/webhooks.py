@@ -261,12 +261,15 @@ async def _apply(
         if event.livemode != deps.settings.livemode:
             # Signed with this endpoint's secret, but for the other mode's ids.
             result = "livemode_mismatch"
-        elif event.type in SUBSCRIPTION_EVENTS:
+        elif event.type not in HANDLED_EVENTS:
+            result = "unhandled"
+        elif sub is not None:
             result, record = await _apply_subscription(conn, event, sub)
-        elif event.type == CUSTOMER_DELETED:
+        elif event.type == CUSTOMER_DELETED and customer is not None:
             result, record = await _apply_customer_deleted(conn, event, customer)
         else:
-            result = "unhandled"
+            log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
+            result = "invalid_object"
         if record is not None:
             record.request_id = request_id
             record.client_ip = client_ip
@@ -281,11 +284,8 @@ async def _apply(
 
 
 async def _apply_subscription(
-    conn: Connection, event: Event, sub: SubscriptionState | None
+    conn: Connection, event: Event, sub: SubscriptionState
 ) -> tuple[str, AuditEvent | None]:
-    if sub is None:
-        log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
-        return "invalid_object", None
     applied = await mappings.apply_subscription(
         conn,
         sub,
@@ -317,11 +317,8 @@ async def _apply_subscription(
 
 
 async def _apply_customer_deleted(
-    conn: Connection, event: Event, customer: str | None
+    conn: Connection, event: Event, customer: str
 ) -> tuple[str, AuditEvent | None]:
-    if customer is None:
-        log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
-        return "invalid_object", None
     deleted = await mappings.delete_customer(conn, customer)
     if deleted is None:
         return "unknown_customer", None

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from service.config import ConfigError, Settings
-from service.return_urls import check_return_url
+from service.return_urls import ReturnUrlMalformed, ReturnUrlNotAllowed, check_return_url
 from tests.conftest import _admin_url, _with_database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -316,6 +316,26 @@ def test_allowlist_origins_are_normalised() -> None:
         "http://[::1]:8080/done",
     ):
         check_return_url(url, s.return_url_allowlist, allow_http_localhost=True)
+
+
+def test_ipv6_loopback_is_one_local_host_for_the_allowlist_and_the_check() -> None:
+    # One rule for both: the allowlist entry and the return URL name [::1] alike,
+    # whichever way the literal is spelled.
+    s = from_env(RETURN_URL_ALLOWLIST="http://[0:0:0:0:0:0:0:1]:8080", ALLOW_HTTP_LOCALHOST="1")
+    assert s.return_url_allowlist == ("http://[::1]:8080",)
+    for url in ("http://[::1]:8080/done", "http://[0::1]:8080/done"):
+        check_return_url(url, s.return_url_allowlist, allow_http_localhost=True)
+        with pytest.raises(ReturnUrlNotAllowed):
+            check_return_url(url, s.return_url_allowlist, allow_http_localhost=False)
+    # Another IPv6 host is not local: plain http to it is refused in the allowlist.
+    error = config_error({"STRIPE_API_KEY": KEY, "RETURN_URL_ALLOWLIST": "http://[::2]:8080"})
+    assert error.variable == "RETURN_URL_ALLOWLIST"
+
+
+@pytest.mark.parametrize("url", ["https://[::1/", "https://[fe80::1%25eth0]/", "https://[::1]x/"])
+def test_a_broken_ipv6_literal_is_malformed(url: str) -> None:
+    with pytest.raises(ReturnUrlMalformed):
+        check_return_url(url, ("https://[::1]",), allow_http_localhost=False)
 
 
 def test_cors_origins_are_normalised() -> None:

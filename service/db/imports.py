@@ -14,10 +14,10 @@ the line.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 
@@ -135,43 +135,53 @@ def _batches(rows: Sequence[T]) -> list[Sequence[T]]:
     return [rows[i : i + BATCH_SIZE] for i in range(0, len(rows), BATCH_SIZE)]
 
 
-async def _execute_batches(
-    conn: Connection,
-    sql: str,
-    rows: Sequence[T],
-    columns: Callable[[Sequence[T]], list[list[Any]]],
-) -> int:
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    """A batched upsert: ``$1`` is an array of ``columns[0]`` of every row, and so on."""
+
+    sql: str
+    columns: tuple[str, ...]
+
+
+def upserting(upsert: Upsert) -> Callable[[Connection, Sequence[Any]], Awaitable[int]]:
+    """The writer of ``upsert``: rows in, the number of rows written out."""
+
+    async def write(conn: Connection, rows: Sequence[Any]) -> int:
+        return await _execute_batches(conn, upsert, rows)
+
+    return write
+
+
+async def _execute_batches(conn: Connection, upsert: Upsert, rows: Sequence[Any]) -> int:
     written = 0
     for batch in _batches(rows):
-        status = await conn.execute(sql, *columns(batch))
+        arrays = [[getattr(row, column) for row in batch] for column in upsert.columns]
+        status = await conn.execute(upsert.sql, *arrays)
         written += int(status.split()[-1])
     return written
 
 
 # --- cross-table checks ----------------------------------------------------
 
-MISSING_PROFILES = """
+# The names of the file that the table lacks: a missing reference names its line.
+MISSING = {
+    "profiles": """
 SELECT name FROM unnest($1::text[]) AS wanted(name)
 WHERE NOT EXISTS (SELECT 1 FROM portal_profiles p WHERE p.name = wanted.name)
-"""
-
-
-async def missing_profiles(conn: Connection, names: Collection[str]) -> set[str]:
-    """Those of ``names`` that are not portal profiles."""
-    rows = await conn.fetch(MISSING_PROFILES, list(names))
-    return {r["name"] for r in rows}
-
-
-MISSING_CUSTOMERS = """
+""",
+    "customers": """
 SELECT user_id FROM unnest($1::text[]) AS wanted(user_id)
 WHERE NOT EXISTS (SELECT 1 FROM customers c WHERE c.user_id = wanted.user_id)
-"""
+""",
+}
 
 
-async def missing_customers(conn: Connection, user_ids: Collection[str]) -> set[str]:
-    """Those of ``user_ids`` that have no customer mapping."""
-    rows = await conn.fetch(MISSING_CUSTOMERS, list(user_ids))
-    return {r["user_id"] for r in rows}
+async def missing(
+    conn: Connection, kind: Literal["profiles", "customers"], keys: Collection[str]
+) -> set[str]:
+    """Those of ``keys`` that are not portal profile names / users with a customer mapping."""
+    rows = await conn.fetch(MISSING[kind], list(keys))
+    return {r[0] for r in rows}
 
 
 STRIPE_ID_OWNERS = """
@@ -211,7 +221,8 @@ async def external_ref_owners(
 
 # A re-imported mapping that changes the Stripe id clears the stale mark (the
 # new id has not been refused by Stripe); an unchanged id keeps it.
-UPSERT_CUSTOMERS = """
+UPSERT_CUSTOMERS = Upsert(
+    """
 INSERT INTO customers AS c (user_id, stripe_customer_id, stripe_account_id, portal, locale)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
 ON CONFLICT (user_id) DO UPDATE SET
@@ -224,28 +235,15 @@ ON CONFLICT (user_id) DO UPDATE SET
          AND c.stripe_account_id IS NOT DISTINCT FROM EXCLUDED.stripe_account_id
         THEN c.stale_at END,
     updated_at = now()
-"""
-
-
-async def upsert_customers(conn: Connection, rows: Sequence[CustomerRow]) -> int:
-    """Insert or update customer mappings by user_id; returns rows written."""
-    return await _execute_batches(
-        conn,
-        UPSERT_CUSTOMERS,
-        rows,
-        lambda b: [
-            [r.user_id for r in b],
-            [r.stripe_customer_id for r in b],
-            [r.stripe_account_id for r in b],
-            [r.portal for r in b],
-            [r.locale for r in b],
-        ],
-    )
+""",
+    ("user_id", "stripe_customer_id", "stripe_account_id", "portal", "locale"),
+)
 
 
 # last_event_at is left alone: it orders webhook events, which an import is not.
 # stale_at too: it marks this very subscription id as refused by Stripe.
-UPSERT_SUBSCRIPTIONS = """
+UPSERT_SUBSCRIPTIONS = Upsert(
+    """
 INSERT INTO subscriptions
     (stripe_subscription_id, user_id, external_ref, status, item_id, price_id, quantity)
 SELECT * FROM unnest(
@@ -258,55 +256,37 @@ ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     price_id = EXCLUDED.price_id,
     quantity = EXCLUDED.quantity,
     updated_at = now()
-"""
+""",
+    (
+        "stripe_subscription_id",
+        "user_id",
+        "external_ref",
+        "status",
+        "item_id",
+        "price_id",
+        "quantity",
+    ),
+)
 
 
-async def upsert_subscriptions(conn: Connection, rows: Sequence[SubscriptionRow]) -> int:
-    """Insert or update subscriptions by stripe_subscription_id; returns rows written."""
-    return await _execute_batches(
-        conn,
-        UPSERT_SUBSCRIPTIONS,
-        rows,
-        lambda b: [
-            [r.stripe_subscription_id for r in b],
-            [r.user_id for r in b],
-            [r.external_ref for r in b],
-            [r.status for r in b],
-            [r.item_id for r in b],
-            [r.price_id for r in b],
-            [r.quantity for r in b],
-        ],
-    )
-
-
-UPSERT_PLANS = """
+UPSERT_PLANS = Upsert(
+    """
 INSERT INTO plans (plan, stripe_price_id, active)
 SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[])
 ON CONFLICT (plan) DO UPDATE SET
     stripe_price_id = EXCLUDED.stripe_price_id,
     active = EXCLUDED.active
-"""
-
-
-async def upsert_plans(conn: Connection, rows: Sequence[PlanRow]) -> int:
-    """Insert or update plans by name; returns rows written."""
-    return await _execute_batches(
-        conn,
-        UPSERT_PLANS,
-        rows,
-        lambda b: [
-            [r.plan for r in b],
-            [r.stripe_price_id for r in b],
-            [r.active for r in b],
-        ],
-    )
+""",
+    ("plan", "stripe_price_id", "active"),
+)
 
 
 # The partial unique index allows one default: the old one steps down first.
 CLEAR_OTHER_DEFAULTS = """
 UPDATE portal_profiles SET is_default = false WHERE is_default AND name <> $1
 """
-UPSERT_PROFILES = """
+UPSERT_PROFILES = Upsert(
+    """
 INSERT INTO portal_profiles
     (name, configuration_id, on_behalf_of, default_return_url, is_default)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[])
@@ -315,7 +295,9 @@ ON CONFLICT (name) DO UPDATE SET
     on_behalf_of = EXCLUDED.on_behalf_of,
     default_return_url = EXCLUDED.default_return_url,
     is_default = EXCLUDED.is_default
-"""
+""",
+    ("name", "configuration_id", "on_behalf_of", "default_return_url", "is_default"),
+)
 
 
 async def upsert_profiles(conn: Connection, rows: Sequence[ProfileRow]) -> int:
@@ -325,38 +307,16 @@ async def upsert_profiles(conn: Connection, rows: Sequence[ProfileRow]) -> int:
         raise ValueError("at most one default profile")  # the importer checks this first
     if defaults:
         await conn.execute(CLEAR_OTHER_DEFAULTS, defaults[0])
-    return await _execute_batches(
-        conn,
-        UPSERT_PROFILES,
-        rows,
-        lambda b: [
-            [r.name for r in b],
-            [r.configuration_id for r in b],
-            [r.on_behalf_of for r in b],
-            [r.default_return_url for r in b],
-            [r.is_default for r in b],
-        ],
-    )
+    return await _execute_batches(conn, UPSERT_PROFILES, rows)
 
 
-UPSERT_OFFERS = """
+UPSERT_OFFERS = Upsert(
+    """
 INSERT INTO offers (name, kind, stripe_id)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
 ON CONFLICT (name) DO UPDATE SET
     kind = EXCLUDED.kind,
     stripe_id = EXCLUDED.stripe_id
-"""
-
-
-async def upsert_offers(conn: Connection, rows: Sequence[OfferRow]) -> int:
-    """Insert or update offers by name; returns rows written."""
-    return await _execute_batches(
-        conn,
-        UPSERT_OFFERS,
-        rows,
-        lambda b: [
-            [r.name for r in b],
-            [r.kind for r in b],
-            [r.stripe_id for r in b],
-        ],
-    )
+""",
+    ("name", "kind", "stripe_id"),
+)

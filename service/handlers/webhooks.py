@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp_apigami import response_schema
 
 from service import keys
-from service.bounded import read_request_body
 from service.handlers.openapi import docs, problem_response
 from service.middlewares import log_fields
+from service.request_body import read_request_body
 from service.schemas import WebhookReceiptSchema
 from service.webhooks import WebhookDeps, receive
 

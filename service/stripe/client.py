@@ -55,6 +55,28 @@ class PortalSession:
 
 
 @dataclass(frozen=True, slots=True)
+class Outbound:
+    """One call to make: what to send, what a good answer is, and by when."""
+
+    method: str
+    path: str
+    params: Mapping[str, Any]
+    # Stripe's ``object`` of a good answer, and any further check of its fields.
+    expect: str
+    valid: Callable[[dict[str, Any]], bool]
+    # loop.time() after which no attempt starts and none is waited for.
+    deadline: float
+    # Sent on every attempt, so a retry after a lost answer gets Stripe's stored result.
+    idempotency_key: str | None = None
+    # Connect: the connected account the call acts on.
+    stripe_account: str | None = None
+
+    def accepts(self, body: Any) -> bool:
+        """Whether a 2xx body is the object this call asked for."""
+        return isinstance(body, dict) and body.get("object") == self.expect and self.valid(body)
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """A good answer: Stripe's object, its Request-Id, and how many attempts it took."""
 
@@ -129,14 +151,16 @@ class StripeClient:
     ) -> PortalSession:
         """``POST /v1/billing_portal/sessions``, through the circuit breaker."""
         reply = await self._send(
-            "POST",
-            SESSIONS_PATH,
-            params,
-            expect="billing_portal.session",
-            valid=_is_session,
-            deadline=deadline,
-            idempotency_key=idempotency_key,
-            stripe_account=stripe_account,
+            Outbound(
+                "POST",
+                SESSIONS_PATH,
+                params,
+                expect="billing_portal.session",
+                valid=_is_session,
+                deadline=deadline,
+                idempotency_key=idempotency_key,
+                stripe_account=stripe_account,
+            ),
             guarded=True,
         )
         body = reply.body
@@ -169,13 +193,15 @@ class StripeClient:
         page_query = {**query, "limit": LIST_PAGE_SIZE}
         while True:
             reply = await self._send(
-                "GET",
-                path,
-                page_query,
-                expect="list",
-                valid=_is_list,
-                deadline=self.deadline_from_now(),
-                stripe_account=stripe_account,
+                Outbound(
+                    "GET",
+                    path,
+                    page_query,
+                    expect="list",
+                    valid=_is_list,
+                    deadline=self.deadline_from_now(),
+                    stripe_account=stripe_account,
+                )
             )
             data: list[dict[str, Any]] = reply.body["data"]
             found.extend(data)
@@ -183,20 +209,8 @@ class StripeClient:
                 return found
             page_query["starting_after"] = data[-1]["id"]
 
-    async def _send(
-        self,
-        method: str,
-        path: str,
-        params: Mapping[str, Any],
-        *,
-        expect: str,
-        valid: Callable[[dict[str, Any]], bool],
-        deadline: float,
-        idempotency_key: str | None = None,
-        stripe_account: str | None = None,
-        guarded: bool = False,
-    ) -> Reply:
-        """Send one call until it succeeds, fails for good, or the deadline passes.
+    async def _send(self, call: Outbound, *, guarded: bool = False) -> Reply:
+        """Send one call until it succeeds, fails for good, or its deadline passes.
 
         ``guarded`` calls (the request path) go through the circuit breaker;
         tools that page through Stripe leave it to the requests it protects.
@@ -204,9 +218,7 @@ class StripeClient:
         ticket = self.breaker.admit() if guarded else None
         healthy: bool | None = None
         try:
-            reply = await self._attempts(
-                method, path, params, expect, valid, deadline, idempotency_key, stripe_account
-            )
+            reply = await self._attempts(call)
         except Failed as failed:
             healthy = failed.healthy
             raise failed.error from None
@@ -218,35 +230,29 @@ class StripeClient:
                 # Also on cancellation (healthy stays None): frees a probe's slot.
                 self.breaker.settle(ticket, healthy)
 
-    async def _attempts(
-        self,
-        method: str,
-        path: str,
-        params: Mapping[str, Any],
-        expect: str,
-        valid: Callable[[dict[str, Any]], bool],
-        deadline: float,
-        idempotency_key: str | None,
-        stripe_account: str | None,
-    ) -> Reply:
+    async def _attempts(self, call: Outbound) -> Reply:
         headers = dict(self._headers)
-        if idempotency_key is not None:
-            headers["Idempotency-Key"] = idempotency_key
-        if stripe_account is not None:
-            headers["Stripe-Account"] = stripe_account
-        form = encode_form(params)
-        url = self._settings.stripe_api_base + path
+        if call.idempotency_key is not None:
+            headers["Idempotency-Key"] = call.idempotency_key
+        if call.stripe_account is not None:
+            headers["Stripe-Account"] = call.stripe_account
+        form = encode_form(call.params)
+        url = self._settings.stripe_api_base + call.path
         loop = asyncio.get_running_loop()
         max_attempts = 1 + self._settings.stripe_max_retries
         attempt_no = 0
         last: Attempt | None = None
         while True:
-            remaining = deadline - loop.time()
+            remaining = call.deadline - loop.time()
             if remaining <= 0:
-                raise final_error(last, retryable=True, expected=expect)
+                raise final_error(last, retryable=True, expected=call.expect)
             attempt_no += 1
             last = await self._exchange(
-                method, url, form, headers, min(remaining, self._settings.stripe_timeout_seconds)
+                call.method,
+                url,
+                form,
+                headers,
+                min(remaining, self._settings.stripe_timeout_seconds),
             )
             # On this request's log lines (its canonical access line too), failed or not.
             structlog.contextvars.bind_contextvars(
@@ -254,7 +260,11 @@ class StripeClient:
             )
             if last.outcome == "success":
                 body = last.body
-                if isinstance(body, dict) and body.get("object") == expect and valid(body):
+                if (
+                    isinstance(body, dict)
+                    and body.get("object") == call.expect
+                    and call.valid(body)
+                ):
                     return Reply(body, last.request_id, attempt_no)
                 # A 2xx that is not what we asked for (truncated, HTML from a proxy,
                 # another object): not retried, since Stripe may have acted on it.
@@ -270,12 +280,12 @@ class StripeClient:
                     retry_after=retry.parse_retry_after(last.headers.get("Retry-After")),
                 )
                 # Honour the wait only if an attempt still fits after it.
-                if loop.time() + delay < deadline:
+                if loop.time() + delay < call.deadline:
                     if self._metrics is not None:
                         self._metrics.upstream_retries.labels(reason=reason).inc()
                     await asyncio.sleep(delay)
                     continue
-            raise final_error(last, retryable=again, expected=expect)
+            raise final_error(last, retryable=again, expected=call.expect)
 
     async def _exchange(
         self,
