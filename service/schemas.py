@@ -1,7 +1,8 @@
 """Marshmallow schemas: the request body, the responses and the problem document.
 
-They drive validation (through aiohttp-apigami's ``validation_middleware``)
-and the OpenAPI document, and the tests use the response schemas as oracles.
+They drive validation (the protected pipeline loads the body with the schema its
+route declares) and the OpenAPI document (aiohttp-apigami), and the tests use the
+response schemas as oracles. The words they accept come from ``domain.py``.
 """
 
 from __future__ import annotations
