@@ -12,6 +12,7 @@ settings never shows them.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -224,6 +225,33 @@ def _secrets(raw: str) -> tuple[Secret, ...]:
     return tuple(Secret(part) for part in _csv(raw))
 
 
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in _csv(raw):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            problem = f"must be comma-separated CIDRs (10.0.0.0/8, ::1/128), got {item!r}"
+            raise ValueError(problem) from None
+    return tuple(networks)
+
+
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_$]{0,62}")
+
+
+def _role_name(raw: str) -> str:
+    # Identifiers can't be bind parameters in GRANT: only plain names are accepted.
+    if not _ROLE_NAME.fullmatch(raw):
+        raise ValueError(f"must be a plain lower-case Postgres role name, got {raw!r}")
+    return raw
+
+
+def _token_type(raw: str) -> str:
+    if not raw.isascii() or not raw.isprintable() or len(raw) > 64:
+        raise ValueError("must be a short printable ASCII value such as at+jwt")
+    return raw
+
+
 # --- the settings --------------------------------------------------------------------
 
 
@@ -247,8 +275,27 @@ class Settings:
         "Postgres to connect to (`postgresql://user@host:port/database`)",
         secret=True,
     )
+    migrate_database_url: Secret | None = setting(
+        "MIGRATE_DATABASE_URL",
+        _database_url,
+        None,
+        "the schema owner's Postgres URL for `migrate` and `audit prune` (default: `DATABASE_URL`)",
+        secret=True,
+    )
+    database_runtime_role: str | None = setting(
+        "DATABASE_RUNTIME_ROLE",
+        _role_name,
+        None,
+        "role `migrate` grants only what `serve` needs (as `--grant-to ROLE`)",
+    )
     host: str = setting("HOST", str, "0.0.0.0", "address the API listens on")  # noqa: S104 - a container listens on all
     port: int = setting("PORT", _int_in(1, 65535), 8080, "TCP port of the API")
+    metrics_port: int | None = setting(
+        "METRICS_PORT",
+        _int_in(1, 65535),
+        None,
+        "serve `/metrics` on this port only (unset: on `PORT` with the API)",
+    )
     stripe_api_base: str = setting(
         "STRIPE_API_BASE",
         _http_base_url,
@@ -337,6 +384,18 @@ class Settings:
         ("RS256",),
         "comma-separated algorithms end-user tokens may use",
     )
+    jwt_max_lifetime_seconds: int = setting(
+        "JWT_MAX_LIFETIME_SECONDS",
+        _int_in(1, 31_536_000),
+        86400,
+        "longest lifetime (`exp - iat`, or `exp - now`) an end-user token may have",
+    )
+    jwt_required_typ: str | None = setting(
+        "JWT_REQUIRED_TYP",
+        _token_type,
+        None,
+        "`typ` an end-user token's header must carry (e.g. `at+jwt`)",
+    )
     jwt_jwks_url: str | None = setting(
         "JWT_JWKS_URL", _http_base_url, None, "JWKS of the end-user token keys"
     )
@@ -379,6 +438,24 @@ class Settings:
         _int_in(1, 100_000),
         256,
         "concurrent requests above which new ones get `503 overloaded`",
+    )
+    webhook_max_in_flight: int = setting(
+        "WEBHOOK_MAX_IN_FLIGHT",
+        _int_in(1, 100_000),
+        32,
+        "concurrent unauthenticated (webhook) requests, a budget apart from `MAX_IN_FLIGHT`",
+    )
+    body_read_timeout_seconds: float = setting(
+        "BODY_READ_TIMEOUT_SECONDS",
+        _float_in(0.05, 300),
+        5.0,
+        "a request body not arrived within it is `408 request_timeout`",
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
+        "TRUSTED_PROXIES",
+        _networks,
+        (),
+        "comma-separated CIDRs whose `X-Forwarded-For` is believed for the client IP",
     )
     shutdown_timeout: float = setting(
         "SHUTDOWN_TIMEOUT",
@@ -480,12 +557,11 @@ def _check_cross_field(s: Settings) -> None:
     if hmac_algs and s.jwt_hs256_secret is None and s.jwt_enabled:
         # An RSA/EC public key must never be usable as an HMAC secret.
         raise ConfigError("JWT_ALGORITHMS", "HS* algorithms need JWT_HS256_SECRET")
-    if s.stripe_backoff_initial_seconds > s.stripe_backoff_max_seconds:
-        raise ConfigError(
-            "STRIPE_BACKOFF_INITIAL_SECONDS", "must not exceed STRIPE_BACKOFF_MAX_SECONDS"
-        )
-    if s.stripe_timeout_seconds > s.request_deadline_seconds:
-        raise ConfigError("STRIPE_TIMEOUT_SECONDS", "must not exceed REQUEST_DEADLINE_SECONDS")
+    # Not checked, because any positive pair works (SPEC §3): a per-attempt
+    # timeout longer than REQUEST_DEADLINE_SECONDS is cut by the deadline, and a
+    # backoff whose initial window exceeds its cap is simply capped.
+    if s.metrics_port is not None and s.metrics_port == s.port:
+        raise ConfigError("METRICS_PORT", "must differ from PORT (or be unset to serve both)")
 
 
 # --- the README's table --------------------------------------------------------------

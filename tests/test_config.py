@@ -177,11 +177,26 @@ def test_a_bad_value_is_refused_naming_its_variable(variable: str, value: str) -
     assert "\n" not in message
 
 
-def test_cross_field_rules_name_a_variable() -> None:
-    error = config_error(
-        {"STRIPE_API_KEY": KEY, "STRIPE_TIMEOUT_SECONDS": "20", "REQUEST_DEADLINE_SECONDS": "10"}
+def test_any_positive_timeout_pair_is_valid() -> None:
+    # SPEC §3: a per-attempt timeout longer than the deadline is cut by the deadline.
+    s = Settings.from_env(
+        {"STRIPE_API_KEY": KEY, "STRIPE_TIMEOUT_SECONDS": "15", "REQUEST_DEADLINE_SECONDS": "10"}
     )
-    assert error.variable == "STRIPE_TIMEOUT_SECONDS"
+    assert (s.stripe_timeout_seconds, s.request_deadline_seconds) == (15.0, 10.0)
+    # A backoff whose first window exceeds its cap is simply capped.
+    s = Settings.from_env(
+        {
+            "STRIPE_API_KEY": KEY,
+            "STRIPE_BACKOFF_INITIAL_SECONDS": "3",
+            "STRIPE_BACKOFF_MAX_SECONDS": "1",
+        }
+    )
+    assert (s.stripe_backoff_initial_seconds, s.stripe_backoff_max_seconds) == (3.0, 1.0)
+
+
+def test_cross_field_rules_name_a_variable() -> None:
+    error = config_error({"STRIPE_API_KEY": KEY, "METRICS_PORT": "8080", "PORT": "8080"})
+    assert error.variable == "METRICS_PORT"
     error = config_error({"STRIPE_API_KEY": KEY, "DB_POOL_MIN_SIZE": "5", "DB_POOL_MAX_SIZE": "2"})
     assert error.variable == "DB_POOL_MIN_SIZE"
     # End-user tokens need an issuer and an audience to check.
