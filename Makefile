@@ -40,6 +40,14 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Mutation testing of the security-critical modules (scripts/mutation.py, a few
+# minutes, not part of `make test`): fails if any keeps over 10 % of its mutants
+# alive. The tests it runs need no database (pyproject.toml [tool.mutmut]).
+# MUTATION_ARGS passes options, e.g. "ratelimit auth" or "--jobs 1".
+.PHONY: mutation
+mutation: venv
+	$(BIN)/python scripts/mutation.py $(MUTATION_ARGS)
+
 migrate: venv
 	@$(with_database) $(BIN)/portal-gateway migrate
 

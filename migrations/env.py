@@ -11,8 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-# Any constant works; it only has to be the same for every replica.
-MIGRATION_LOCK_ID = 0x706F7274616C  # "portal"
+# One constant for every replica, shared with the grants `migrate --grant-to` applies.
+from service.migrations import MIGRATION_LOCK_ID
 
 
 def _sqlalchemy_url(url: str) -> str:

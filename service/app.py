@@ -8,18 +8,20 @@ from collections.abc import AsyncIterator
 
 import aiohttp_apigami
 import aiohttp_cors
+import asyncpg
+import structlog
 from aiohttp import web
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from service import keys
 from service.auth import Authenticator
 from service.config import Settings
-from service.db import deployment, resolve
+from service.db import deployment, events, resolve
 from service.db.pool import Database
 from service.errors import DatabaseUnavailable
 from service.handlers import health, openapi, portal_sessions, webhooks
 from service.jwt_keys import JwtKeys
-from service.lifecycle import Lifecycle
+from service.lifecycle import Budget, Lifecycle
 from service.metrics import Metrics
 from service.middlewares import (
     access_middleware,
@@ -30,6 +32,7 @@ from service.middlewares import (
 from service.migrations import head_revision
 from service.portal import PortalDeps
 from service.ratelimit import RateLimiter
+from service.readiness import Readiness
 from service.stripe import StripeClient
 from service.version import VERSION
 
@@ -54,20 +57,31 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics or Metrics()
-    app[keys.LIFECYCLE] = Lifecycle()
+    lifecycle = Lifecycle(
+        api=Budget(settings.max_in_flight), webhooks=Budget(settings.webhook_max_in_flight)
+    )
+    app[keys.LIFECYCLE] = lifecycle
+    app[keys.READINESS] = Readiness(lifecycle, app[keys.METRICS])
     app[keys.RATE_LIMITER] = RateLimiter()
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_housekeeping)
     app.on_shutdown.append(_start_draining)
 
-    app.router.add_get("/healthz", health.healthz, allow_head=False)
-    app.router.add_get("/readyz", health.readyz, allow_head=False)
-    app.router.add_get("/metrics", health.metrics, allow_head=False)
+    # Each route's in-flight budget is declared with it; undeclared ones share `api`.
+    probes = [
+        app.router.add_get("/healthz", health.healthz, allow_head=False),
+        app.router.add_get("/readyz", health.readyz, allow_head=False),
+    ]
+    if settings.metrics_port is None:  # else only METRICS_PORT serves it (health.metrics_app)
+        probes.append(app.router.add_get("/metrics", health.metrics, allow_head=False))
+    lifecycle.declare(None, *probes)
     sessions = app.router.add_post("/v1/portal-sessions", portal_sessions.create_portal_session)
     _setup_cors(app, settings.cors_allowed_origins, [sessions])
-    # Stripe calls this one: signature-verified, no bearer auth, no CORS.
-    app.router.add_post("/v1/stripe/webhooks", webhooks.receive_stripe_event)
+    # Stripe calls this one: signature-verified, no bearer auth, no CORS. Anyone can
+    # reach it, so it has a budget of its own: it can't take our callers' slots.
+    stripe_events = app.router.add_post("/v1/stripe/webhooks", webhooks.receive_stripe_event)
+    lifecycle.declare(lifecycle.webhooks, stripe_events)
     _setup_openapi(app)
     return app
 
@@ -160,17 +174,32 @@ IDEMPOTENCY_PURGE_INTERVAL = 600.0
 
 
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
-    """Purge idempotency keys long past their TTL, so the table stays small."""
+    """Keep tables small: purge expired idempotency keys and old Stripe events.
+
+    Idempotency keys go an hour past their TTL; Stripe events 30 days after
+    their receipt (SPEC §6). Each purge is bounded per round.
+    """
     db = app[keys.DB]
+    purges = {
+        "idempotency_keys": resolve.purge_expired_idempotency_keys,
+        "stripe_events": events.purge_old_events,
+    }
 
     async def purge_forever() -> None:
         while True:
-            # During an outage the next round tries again; readiness reports it.
-            with contextlib.suppress(DatabaseUnavailable):
-                await resolve.purge_expired_idempotency_keys(db)
+            for table, purge in purges.items():
+                try:
+                    await purge(db)
+                except DatabaseUnavailable:
+                    pass  # the next round tries again; readiness reports the outage
+                except asyncpg.PostgresError as exc:
+                    # e.g. a runtime role without DELETE: say so; the other purges go on.
+                    structlog.get_logger("app").warning(
+                        "housekeeping_failed", table=table, error=type(exc).__name__
+                    )
             await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL)
 
-    task = asyncio.create_task(purge_forever(), name="purge-idempotency-keys")
+    task = asyncio.create_task(purge_forever(), name="housekeeping")
     try:
         yield
     finally:

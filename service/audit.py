@@ -1,7 +1,9 @@
 """The audit trail: one row and one ``audit`` log line per decided action.
 
 Every writer — the request path, webhooks, resync and the CLI — calls
-:func:`emit`, which always writes both. On the request path the row is written
+:func:`emit`, which writes both — except for a principal hammering past its
+rate limit, whose refusals after the first of each minute get the log line and
+the metric but no row (SPEC §6). On the request path the row is written
 before the response leaves (SPEC §6); if it can't be written, the caller gets
 503 instead of an unaudited portal URL. Rows never hold the portal URL or any
 token.
@@ -22,6 +24,7 @@ from service.db import audit as audit_db
 from service.db.pool import Connection, Database
 from service.errors import DatabaseUnavailable
 from service.metrics import Metrics
+from service.safe_text import MAX_HEADER_TEXT, printable
 
 logger = structlog.get_logger("audit")
 
@@ -32,7 +35,14 @@ ACTION_MAPPING_UPDATE = "mapping.update"
 ACTION_MAPPING_DELETE = "mapping.delete"
 ACTION_MAPPING_RESYNC = "mapping.resync"
 
-MAX_USER_AGENT = 512
+MAX_USER_AGENT = MAX_HEADER_TEXT
+
+
+class AuditRowRefused(Exception):
+    """The database refused the row's data: a bug (a 500), not an outage (a 503).
+
+    Header text is made printable before it is stored, so no request can cause it.
+    """
 
 
 @dataclass(slots=True)
@@ -81,20 +91,38 @@ def clean_ip(value: str | None) -> str | None:
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(AuditEvent))
 
 
-async def emit(target: Database | Connection, metrics: Metrics | None, event: AuditEvent) -> None:
-    """Write the row, then the ``audit`` log line; DatabaseUnavailable if the row failed.
+async def emit(
+    target: Database | Connection,
+    metrics: Metrics | None,
+    event: AuditEvent,
+    *,
+    store: bool = True,
+) -> None:
+    """Write the row, then the ``audit`` log line; DatabaseUnavailable if the row failed
+    (AuditRowRefused if the database refused its data).
 
     ``target`` is the pool, or the connection of the caller's transaction when
-    the row must commit (or roll back) with the change it records.
+    the row must commit (or roll back) with the change it records. ``store=False``
+    (a principal refused again within its rate-limit window, SPEC §6) skips the
+    row: the event is still counted and logged, with ``stored=False``.
     """
     if event.outcome is None:
         event.outcome = outcome_for(event.http_status)
     event.client_ip = clean_ip(event.client_ip)
     if event.user_agent is not None:
-        event.user_agent = event.user_agent[:MAX_USER_AGENT]
+        # Any header bytes (SPEC §5): Postgres refuses NUL and lone surrogates.
+        event.user_agent = printable(event.user_agent, MAX_USER_AGENT)
+    if event.stripe_request_id is not None:
+        # Stripe's Request-Id header: the same goes for upstream header bytes.
+        event.stripe_request_id = printable(event.stripe_request_id, MAX_HEADER_TEXT)
     # A shallow copy: dataclasses.asdict deep-copies, a measurable cost per request.
     fields = {name: getattr(event, name) for name in _FIELD_NAMES}
     fields["occurred_at"] = event.occurred_at.isoformat()
+    if not store:
+        if metrics is not None:
+            metrics.audit_events.labels(outcome=event.outcome).inc()
+        logger.info("audit", stored=False, **fields)
+        return
     try:
         await audit_db.insert(target, event)
     except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
@@ -102,6 +130,10 @@ async def emit(target: Database | Connection, metrics: Metrics | None, event: Au
         if metrics is not None:
             metrics.audit_events.labels(outcome="write_failed").inc()
         logger.error("audit_write_failed", error=type(exc).__name__, **fields)
+        if isinstance(exc, asyncpg.DataError):
+            # Class 22, or a value asyncpg cannot encode: what we sent was wrong, the
+            # database is fine. Not a 503 nor counted as one.
+            raise AuditRowRefused(f"the audit row was refused: {type(exc).__name__}") from exc
         raise DatabaseUnavailable("The audit trail could not be written; retry later.") from exc
     if metrics is not None:
         metrics.audit_events.labels(outcome=event.outcome).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,10 @@ class Authenticator:
             alg = header.get("alg")
             if alg not in s.jwt_algorithms:
                 raise Unauthenticated("jwt_algorithm")
+            if s.jwt_required_typ is not None and not _typ_matches(
+                header.get("typ"), s.jwt_required_typ
+            ):
+                raise Unauthenticated("jwt_typ")
             key = await self._jwt_keys.key_for(alg, header.get("kid"))
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -117,6 +122,38 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not 1 <= len(sub) <= 128:
             raise Unauthenticated("jwt_invalid")
+        if _lifetime(claims) > s.jwt_max_lifetime_seconds:
+            raise Unauthenticated("jwt_lifetime")
         return Principal(
             "user", sub, frozenset({SCOPE_CREATE_SESSIONS}), s.end_user_rate_limit_per_minute
         )
+
+
+def _lifetime(claims: dict[str, Any]) -> float:
+    """How long the token is valid in all: ``exp - iat``; without ``iat``, ``exp - now``
+    less the clock-skew leeway the other time claims get (``now`` is our clock).
+
+    PyJWT has checked both are numbers (and ``iat`` not in the future). A token
+    minted for ten years is refused even when it is young: a stolen one would
+    be good for as long as it says.
+    """
+    iat = claims.get("iat")
+    try:
+        if iat is not None:
+            return float(claims["exp"]) - float(iat)
+        return float(claims["exp"]) - time.time() - JWT_LEEWAY_SECONDS
+    except (TypeError, ValueError, OverflowError):  # e.g. an exp of 10**400: forever
+        return float("inf")
+
+
+def _typ_matches(typ: object, required: str) -> bool:
+    """The header's ``typ`` against JWT_REQUIRED_TYP: a media type, so compared
+    case-insensitively and with its optional ``application/`` prefix (RFC 7515 §4.1.9)."""
+    if not isinstance(typ, str):
+        return False
+
+    def bare(value: str) -> str:
+        value = value.strip().lower()
+        return value.removeprefix("application/")
+
+    return bare(typ) == bare(required)

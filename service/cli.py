@@ -1,4 +1,4 @@
-"""``portal-gateway``: serve, migrate, clients, import, resync, demo.
+"""``portal-gateway``: serve, migrate, clients, import, resync, audit, demo.
 
 Exit codes: 0 success, 1 an operation failed (bad CSV, unknown client, database
 down), 2 bad configuration or usage. Errors are one line on stderr.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,13 +20,14 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from service import keys, logs
+from service import http_server, keys, logs
 from service.app import StartupError, create_app
 from service.auth import SCOPE_CREATE_SESSIONS, generate_client_token, hash_token
 from service.config import ConfigError, Settings
 from service.db import clients, deployment
 from service.db.pool import UNAVAILABLE_ERRORS, Database
 from service.errors import DatabaseUnavailable
+from service.handlers import health
 
 T = TypeVar("T")
 DEFAULT_CLIENT_RATE_LIMIT = 600
@@ -32,6 +35,10 @@ DEFAULT_CLIENT_RATE_LIMIT = 600
 
 class CliError(Exception):
     """An operation failed; the message is the one line to print."""
+
+
+class UsageError(Exception):
+    """Bad arguments argparse can't judge alone (exit 2); the message is the one line."""
 
 
 def _settings(serving: bool = False) -> Settings:
@@ -45,9 +52,11 @@ def _run(coro_factory: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(runner())
 
 
-async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+async def _with_db(
+    settings: Settings, work: Callable[[Database], Awaitable[T]], url: str | None = None
+) -> T:
     db = await Database.connect(
-        settings.database_url.reveal(), query_timeout=10, min_size=1, max_size=2
+        url or settings.database_url.reveal(), query_timeout=10, min_size=1, max_size=2
     )
     try:
         return await work(db)
@@ -77,7 +86,7 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     and the cleanup contexts close the Stripe session and the database pool.
     """
     log = structlog.get_logger("app")
-    runner = web.AppRunner(
+    runner = http_server.AppRunner(  # parser errors answered as problem+json too
         app,
         access_log=None,  # our canonical access line replaces aiohttp's
         handle_signals=False,
@@ -85,13 +94,17 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    metrics_runner: web.AppRunner | None = None
     try:
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
+        metrics_runner = await _start_metrics_site(app, settings)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info("serving", host=settings.host, port=settings.port)
+        log.info(
+            "serving", host=settings.host, port=settings.port, metrics_port=settings.metrics_port
+        )
         await stop.wait()
         lifecycle = app[keys.LIFECYCLE]
         lifecycle.draining = True
@@ -104,19 +117,82 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if metrics_runner is not None:  # scraped through the drain; closed before the pool
+            await metrics_runner.cleanup()
         await runner.cleanup()
     log.info("stopped")
 
 
+async def _start_metrics_site(app: web.Application, settings: Settings) -> web.AppRunner | None:
+    """With METRICS_PORT, ``/metrics`` listens there alone (the API port has no route for it)."""
+    if settings.metrics_port is None:
+        return None
+    runner = web.AppRunner(
+        health.metrics_app(app),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=min(_FINAL_GRACE_SECONDS, settings.shutdown_timeout),
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.metrics_port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from service import migrations
+    from service.db import grants
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
-    url = settings.database_url.reveal()
-    _run(lambda: _ensure_database(url))
-    migrations.upgrade(url, args.revision)
+    # As the schema owner (SPEC §5); the runtime role is granted only what serve needs.
+    owner = settings.migrate_database_url or settings.database_url
+    variable = "MIGRATE_DATABASE_URL" if settings.migrate_database_url else "DATABASE_URL"
+    role: str | None = args.grant_to or settings.database_runtime_role
+    source = "--grant-to" if args.grant_to else "DATABASE_RUNTIME_ROLE"
+    url = owner.reveal()
+    granted: grants.Granted | None = None
+    try:
+        _run(lambda: _ensure_database(url))
+        if role is not None:  # a role that can't be granted to stops us before the upgrade
+            _run(lambda: grants.check_role_at(url, role))
+        migrations.upgrade(url, args.revision)
+        _prepare_audit_partitions(settings, url)
+        if role is not None:
+            granted = _run(lambda: grants.grant_runtime_privileges(url, role))
+    except grants.GrantError as exc:
+        raise ConfigError(source, str(exc)) from None
+    except DatabaseUnavailable as exc:
+        raise CliError(f"{variable}: {exc.detail}") from None
+    except (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise ConfigError(variable, str(exc)) from None
+    if granted is not None:
+        log = structlog.get_logger("app")
+        log.info("runtime_role_granted", role=granted.role, tables=list(granted.tables))
+        if granted.undeclared:
+            # Not in db/grants.py's RUNTIME_PRIVILEGES: the runtime role can't touch them.
+            log.warning("tables_without_runtime_grants", tables=list(granted.undeclared))
     return 0
+
+
+def _prepare_audit_partitions(settings: Settings, url: str) -> None:
+    """This month's audit partition and the next ones, made ahead (SPEC §5: serve has no DDL)."""
+    from service import audit_retention
+
+    log = structlog.get_logger("app")
+    try:
+        prepared = _run(lambda: _with_db(settings, audit_retention.prepare_partitions_at, url=url))
+    except audit_retention.RetentionFailed as exc:
+        # The schema is migrated; the default partition takes rows until `audit prune`.
+        log.warning("audit_partitions_not_prepared", error=str(exc))
+        return
+    if prepared.created:
+        log.info("audit_partitions_created", partitions=prepared.created)
+    if prepared.left_in_default:
+        log.warning("audit_months_in_default_partition", partitions=prepared.left_in_default)
 
 
 async def _ensure_database(url: str) -> None:
@@ -197,6 +273,93 @@ def cmd_resync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    if args.audit_command == "export":
+        return _audit_export(args)
+    return _audit_prune(args)
+
+
+def _audit_time(option: str, raw: str) -> datetime:
+    from service import audit_retention
+
+    try:
+        return audit_retention.parse_time(raw)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from service import audit_retention
+
+    since = _audit_time("--since", args.since)
+    until = None if args.until is None else _audit_time("--until", args.until)
+    if until is not None and until <= since:
+        raise UsageError("--until must be later than --since")
+    settings = _settings()
+    out = sys.stdout.buffer
+    try:
+        count = _run(
+            lambda: _with_db(
+                settings, lambda db: audit_retention.export(db, since, until, out.write)
+            )
+        )
+        out.flush()
+    except audit_retention.RetentionFailed as exc:
+        raise CliError(str(exc)) from None
+    except (audit_retention.OutputClosed, BrokenPipeError):
+        # The reader went away (`| head`): nothing more to say to it, or at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise CliError("the export's output was closed before the end") from None
+    print(f"audit export: {count} rows", file=sys.stderr)
+    return 0
+
+
+def _audit_prune(args: argparse.Namespace) -> int:
+    from service import audit_retention
+
+    if args.older_than < audit_retention.MIN_PRUNE_DAYS:
+        raise UsageError(f"--older-than must be at least {audit_retention.MIN_PRUNE_DAYS}")
+    settings = _settings()
+    # As the schema owner (SPEC §6): only the owner may drop or create a partition.
+    owner = settings.migrate_database_url or settings.database_url
+    variable = "MIGRATE_DATABASE_URL" if settings.migrate_database_url else "DATABASE_URL"
+    try:
+        pruned = _run(
+            lambda: _with_db(
+                settings,
+                lambda db: audit_retention.prune(db, args.older_than),
+                url=owner.reveal(),
+            )
+        )
+    except audit_retention.RetentionFailed as exc:
+        raise CliError(str(exc)) from None
+    except DatabaseUnavailable as exc:
+        raise CliError(f"{variable}: {exc.detail}") from None
+    except (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise ConfigError(variable, str(exc)) from None
+    for name in pruned.dropped:
+        print(f"dropped {name}")
+    for name in pruned.prepared.created:
+        print(f"created {name}", file=sys.stderr)
+    for name in pruned.prepared.left_in_default:
+        print(
+            f"warning: not created {name}: its month has rows in the default partition",
+            file=sys.stderr,
+        )
+    if pruned.default_rows:
+        print(
+            f"warning: {pruned.default_rows} rows are in the default partition (newest"
+            f" {pruned.default_newest}); it is dropped once they are all older than the cutoff",
+            file=sys.stderr,
+        )
+    print(
+        f"audit prune: {len(pruned.dropped)} partitions older than"
+        f" {pruned.cutoff.isoformat()} dropped",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service import demo
 
@@ -210,6 +373,16 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _role_name(raw: str) -> str:
+    # DATABASE_RUNTIME_ROLE's own rule (config.py), for the flag that overrides it.
+    try:
+        role = Settings.from_env({"DATABASE_RUNTIME_ROLE": raw}, serving=False)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).partition("DATABASE_RUNTIME_ROLE: ")[2]) from None
+    assert role.database_runtime_role is not None
+    return role.database_runtime_role
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portal-gateway", description="Stripe customer-portal sessions for our users."
@@ -218,8 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the HTTP service").set_defaults(func=cmd_serve)
 
-    migrate = sub.add_parser("migrate", help="create the database if missing and migrate it")
+    migrate = sub.add_parser(
+        "migrate",
+        help="create the database if missing and migrate it (as MIGRATE_DATABASE_URL's owner)",
+    )
     migrate.add_argument("revision", nargs="?", default="head")
+    migrate.add_argument(
+        "--grant-to",
+        metavar="ROLE",
+        type=_role_name,
+        help="then grant ROLE only what serve needs (default DATABASE_RUNTIME_ROLE)",
+    )
     migrate.set_defaults(func=cmd_migrate)
 
     clients = sub.add_parser("clients", help="manage service clients")
@@ -253,6 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--all", action="store_true", help="every user with a customer mapping")
     resync.set_defaults(func=cmd_resync)
 
+    audit = sub.add_parser("audit", help="export audit rows; drop old audit partitions")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    export = asub.add_parser(
+        "export", help="write rows of [--since, --until) to stdout as JSON lines (streamed)"
+    )
+    export.add_argument("--since", required=True, metavar="T", help="ISO-8601; no offset: UTC")
+    export.add_argument("--until", metavar="T", help="ISO-8601, exclusive (default: now on)")
+    prune = asub.add_parser(
+        "prune", help="drop monthly partitions older than DAYS (as MIGRATE_DATABASE_URL's owner)"
+    )
+    prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
+    audit.set_defaults(func=cmd_audit)
+
     demo = sub.add_parser("demo", help="migrate, seed demo data, run the stand-in and the service")
     demo.add_argument("--port", type=int, default=None, help="service port (default PORT or 8080)")
     demo.add_argument("--standin-port", type=int, default=12111)
@@ -283,5 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

@@ -16,7 +16,7 @@ import signal
 
 from aiohttp import web
 
-from service import logs, migrations
+from service import http_server, logs, migrations
 from service.app import create_app
 from service.auth import generate_client_token, hash_token
 from service.config import Secret, Settings
@@ -80,7 +80,7 @@ async def _serve(settings: Settings, use_standin: bool, standin_port: int) -> No
             await standin.setup()
             runners.append(standin)
             await web.TCPSite(standin, "127.0.0.1", standin_port).start()
-        service = web.AppRunner(
+        service = http_server.AppRunner(
             create_app(settings), access_log=None, shutdown_timeout=settings.shutdown_timeout
         )
         await service.setup()

@@ -72,6 +72,13 @@ class MethodNotAllowed(ServiceError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeout(ServiceError):
+    """408: the body did not arrive within BODY_READ_TIMEOUT_SECONDS (SPEC §5)."""
+
+    status = 408
+    default_code = "request_timeout"
+
+
 class Conflict(ServiceError):
     status = 409
     default_code = "conflict"
@@ -109,6 +116,17 @@ class RateLimited(ServiceError):
             detail="Too many requests; retry later.",
             headers={"Retry-After": str(max(1, retry_after))},
         )
+
+
+class ClientClosedRequest(ServiceError):
+    """The caller hung up before its answer (nginx's 499).
+
+    Decided like any refusal (logged, counted, audited), never a 500; nobody is
+    left to read a body, so none is rendered (499 has no standard phrase).
+    """
+
+    status = 499
+    default_code = "client_closed_request"
 
 
 class UpstreamError(ServiceError):

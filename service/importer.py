@@ -205,11 +205,17 @@ def _subscription(v: list[str], settings: Settings) -> SubscriptionRow:
     return SubscriptionRow(user_id, subscription, ref, status, item, price, quantity)
 
 
+def _self_serve(value: str) -> bool:
+    """The optional ``self_serve`` column (SPEC §5): empty or absent is false."""
+    return _boolean(value, "self_serve") if value else False
+
+
 def _plan(v: list[str], settings: Settings) -> PlanRow:
     return PlanRow(
         _name(v[0], "plan"),
         _stripe_id(v[1], "stripe_price_id", "price_"),
         _boolean(v[2], "active"),
+        _self_serve(v[3]),
     )
 
 
@@ -227,7 +233,14 @@ def _profile(v: list[str], settings: Settings) -> ProfileRow:
             )
         except (ReturnUrlMalformed, ReturnUrlNotAllowed) as exc:
             raise _Invalid("default_return_url", f"{exc} (got {_shown(v[3])})") from None
-    return ProfileRow(name, configuration, on_behalf_of, return_url, _boolean(v[4], "is_default"))
+    return ProfileRow(
+        name,
+        configuration,
+        on_behalf_of,
+        return_url,
+        _boolean(v[4], "is_default"),
+        _self_serve(v[5]),
+    )
 
 
 def _offer(v: list[str], settings: Settings) -> OfferRow:
@@ -237,7 +250,7 @@ def _offer(v: list[str], settings: Settings) -> OfferRow:
         stripe_id = _stripe_id(v[2], "stripe_id", "promo_")
     else:
         stripe_id = _coupon_id(v[2], "stripe_id")
-    return OfferRow(name, kind, stripe_id)
+    return OfferRow(name, kind, stripe_id, _self_serve(v[3]))
 
 
 # --- what each kind is ------------------------------------------------------
@@ -279,13 +292,22 @@ Check = Callable[[Connection, _Parsed[Any]], Awaitable[list[_Problem]]]
 
 @dataclass(frozen=True, slots=True)
 class _Kind(Generic[R]):
-    """One importable file type: its header, row parser, keys, checks and upsert."""
+    """One importable file type: its header, row parser, keys, checks and upsert.
+
+    ``optional`` columns may follow ``columns`` in the header, in that order;
+    the parser always gets a cell for each, empty when the header lacks it.
+    """
 
     columns: tuple[str, ...]
     parse: Callable[[list[str], Settings], R]
     keys: tuple[_Key, ...]
     write: Callable[[Connection, Sequence[R]], Awaitable[int]]
     check: Check | None = None
+    optional: tuple[str, ...] = ()
+
+    def headers(self) -> list[tuple[str, ...]]:
+        """Every header a file of this kind may have, shortest first."""
+        return [self.columns + self.optional[:n] for n in range(len(self.optional) + 1)]
 
 
 async def _check_customers(conn: Connection, parsed: _Parsed[Any]) -> list[_Problem]:
@@ -395,6 +417,7 @@ KINDS: dict[str, _Kind[Any]] = {
         parse=_plan,
         keys=(_Key(("plan",), lambda r: (r.plan,)),),
         write=imports.upserting(imports.UPSERT_PLANS),
+        optional=("self_serve",),
     ),
     "profiles": _Kind(
         columns=("name", "configuration_id", "on_behalf_of", "default_return_url", "is_default"),
@@ -409,12 +432,14 @@ KINDS: dict[str, _Kind[Any]] = {
             ),
         ),
         write=imports.upsert_profiles,
+        optional=("self_serve",),
     ),
     "offers": _Kind(
         columns=("name", "kind", "stripe_id"),
         parse=_offer,
         keys=(_Key(("name",), lambda r: (r.name,)),),
         write=imports.upserting(imports.UPSERT_OFFERS),
+        optional=("self_serve",),
     ),
 }
 
@@ -462,15 +487,20 @@ def _decoded_lines(file: IO[bytes], name: str, columns: tuple[str, ...]) -> Iter
         yield text
 
 
-def _check_header(header: list[str], kind: str, name: str) -> None:
-    columns = KINDS[kind].columns
-    if header == list(columns):
-        return
+def _check_header(header: list[str], kind: str, name: str) -> tuple[str, ...]:
+    """The file's columns: the kind's, then as many of its optional ones as it names."""
+    spec = KINDS[kind]
+    if tuple(header) in spec.headers():
+        return tuple(header)
+    columns = spec.columns
+    known = spec.headers()[-1]
     expected = f"the header must be exactly {','.join(columns)}"
-    for other, spec in KINDS.items():
-        if header == list(spec.columns):
+    if spec.optional:
+        expected += f", optionally followed by {','.join(spec.optional)}"
+    for other, other_spec in KINDS.items():
+        if tuple(header) in other_spec.headers():
             expected += f" (this looks like a {other} file)"
-    for i, (got, want) in enumerate(zip(header, columns, strict=False)):
+    for i, (got, want) in enumerate(zip(header, known, strict=False)):
         if got != want:
             raise ImportFailed(
                 name, f"expected {want}, got {_shown(got)}; {expected}", line=1, column=str(i + 1)
@@ -482,9 +512,9 @@ def _check_header(header: list[str], kind: str, name: str) -> None:
         )
     raise ImportFailed(
         name,
-        f"unexpected extra column {_shown(header[len(columns)])}; {expected}",
+        f"unexpected extra column {_shown(header[len(known)])}; {expected}",
         line=1,
-        column=str(len(columns) + 1),
+        column=str(len(known) + 1),
     )
 
 
@@ -497,14 +527,14 @@ def _read(kind: str, path: Path, settings: Settings) -> _Parsed[Any]:
     except OSError as exc:
         raise ImportFailed(name, f"cannot be read ({exc.strerror})") from None
     with file:
-        reader = csv.reader(_decoded_lines(file, name, spec.columns), strict=True)
+        reader = csv.reader(_decoded_lines(file, name, spec.headers()[-1]), strict=True)
         try:
             header = next(reader, None)
         except csv.Error as exc:
             raise ImportFailed(name, f"is not valid CSV ({exc})", line=reader.line_num) from None
         if header is None:
             raise ImportFailed(name, f"is empty; expected the header {','.join(spec.columns)}")
-        _check_header(header, kind, name)
+        columns = _check_header(header, kind, name)
 
         parsed: _Parsed[Any] = _Parsed(index={key.columns: {} for key in spec.keys})
         first: _Problem | None = None
@@ -522,7 +552,7 @@ def _read(kind: str, path: Path, settings: Settings) -> _Parsed[Any]:
             line, last_line = last_line + 1, reader.line_num
             if not values:
                 continue  # a blank line, as csv.DictReader skips them
-            problem = _validate(values, line, spec, parsed, settings)
+            problem = _validate(values, line, spec, columns, parsed, settings)
             if problem is not None:
                 count += 1
                 if first is None:
@@ -535,10 +565,17 @@ def _read(kind: str, path: Path, settings: Settings) -> _Parsed[Any]:
 
 
 def _validate(
-    values: list[str], line: int, spec: _Kind[Any], parsed: _Parsed[Any], settings: Settings
+    values: list[str],
+    line: int,
+    spec: _Kind[Any],
+    columns: tuple[str, ...],
+    parsed: _Parsed[Any],
+    settings: Settings,
 ) -> _Problem | None:
-    """Check one row and add it to ``parsed``; the first problem it has, if any."""
-    columns = spec.columns
+    """Check one row (``columns``: the file's header) and add it to ``parsed``.
+
+    Returns the first problem the row has, if any.
+    """
     if len(values) < len(columns):
         return _Problem(
             line,
@@ -551,6 +588,8 @@ def _validate(
             str(len(columns) + 1),
             f"unexpected extra field: the line has {len(values)} fields, the header {len(columns)}",
         )
+    # Optional columns the header does not name are empty cells to the parser.
+    values += [""] * (len(spec.columns) + len(spec.optional) - len(values))
     try:
         row = spec.parse(values, settings)
     except _Invalid as exc:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from service.metrics import Metrics
     from service.portal import PortalDeps
     from service.ratelimit import RateLimiter
+    from service.readiness import Readiness
     from service.stripe import StripeClient
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -23,6 +24,7 @@ STRIPE: web.AppKey[StripeClient] = web.AppKey("stripe")
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 PORTAL: web.AppKey[PortalDeps] = web.AppKey("portal")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")

@@ -5,7 +5,9 @@ line: it cost ~250 µs a request). Standard-library loggers (aiohttp, asyncpg,
 alembic) go through the same final step via ``ProcessorFormatter``, so with
 ``LOG_FORMAT=json`` every line the process writes is one JSON object. The last
 step masks anything that looks like a Stripe key, a bearer token, a JWT, a
-webhook secret or a portal URL, in one regex pass over the rendered line.
+webhook secret or a portal URL, in one regex pass over the rendered line. A
+value the encoder refuses (a lone surrogate: a header byte that was not UTF-8)
+is escaped, never raised: writing a line cannot fail the request that logs it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from service.safe_text import printable
+
 # No pattern crosses a backslash or a quote, so masking a rendered JSON line
 # keeps it valid JSON.
 _SECRET_PATTERNS = re.compile(
@@ -29,6 +33,10 @@ _SECRET_PATTERNS = re.compile(
     r"|pgw_[A-Za-z0-9_\-]+"
     r"|eyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"
     r"|https://billing\.stripe\.com/[^\s\"'\\]*"
+    # A portal session URL on any host (a custom portal domain keeps Stripe's path);
+    # without a scheme, from the path on.
+    r"|https?://[^\s\"'\\/]+/p/session/[^\s\"'\\]*"
+    r"|/p/session/[^\s\"'\\]*"
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/\-]+=*"
 )
 REDACTED = "[REDACTED]"
@@ -36,7 +44,17 @@ REDACTED = "[REDACTED]"
 
 # Every pattern above contains one of these; plain substring tests are ~20x
 # cheaper than the regex scan, which then runs only on lines that might match.
-_MARKERS = ("sk_", "rk_", "whsec_", "pgw_", "eyJ", "billing.stripe.com", "earer", "EARER")
+_MARKERS = (
+    "sk_",
+    "rk_",
+    "whsec_",
+    "pgw_",
+    "eyJ",
+    "billing.stripe.com",
+    "/p/session/",
+    "earer",
+    "EARER",
+)
 
 
 def redact(value: str) -> str:
@@ -97,10 +115,48 @@ def _add_logger_name(logger: WrappedLogger, _: str, event_dict: EventDict) -> Ev
 def _render(logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
     if _OUTPUT.json:
         event_dict = _EXCEPTIONS(logger, method, event_dict)
-        line = orjson.dumps(event_dict, default=str).decode()
+        try:
+            line = orjson.dumps(event_dict, default=str).decode()
+        except TypeError:  # orjson.JSONEncodeError is one
+            line = orjson.dumps(_encodable(event_dict)).decode()
     else:
         line = _CONSOLE(logger, method, event_dict)
+        if not line.isascii():
+            # A lone surrogate (a header byte that was not UTF-8) can't be written out.
+            line = line.encode("utf-8", "backslashreplace").decode("utf-8")
     return redact(line)
+
+
+_MAX_DEPTH = 32
+
+
+def _encodable(value: Any, depth: int = 0) -> Any:
+    """``value`` with whatever orjson refuses made into printable text: a str
+    with lone surrogates, a key that is not a str, an int over 64 bits, an object
+    whose ``str()`` fails, nesting too deep (or a cycle). The slow path, taken
+    only when the fast one raised: a log line never raises for its values."""
+    if isinstance(value, str):
+        return printable(value, None)
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if depth >= _MAX_DEPTH:
+        return "[nested too deep]"
+    if isinstance(value, dict):
+        return {printable(_text(k), None): _encodable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_encodable(v, depth + 1) for v in value]
+    return printable(_text(value), None)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 def configure(level: str = "INFO", fmt: str = "json", stream: IO[str] | None = None) -> None:
@@ -136,6 +192,30 @@ def configure(level: str = "INFO", fmt: str = "json", stream: IO[str] | None = N
     root.setLevel(level)
     # Our access line replaces aiohttp's; asyncpg is chatty at DEBUG only.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in _ALEMBIC_CHATTER_LOGGERS:
+        logging.getLogger(name).addFilter(_ALEMBIC_CHATTER)  # once: addFilter ignores repeats
+
+
+class _AlembicChatter(logging.Filter):
+    """alembic's set-up lines at DEBUG instead of INFO.
+
+    On every start (``migrate``, ``make run``) alembic says which plugins it set
+    up, its dialect and that DDL is transactional: noise at INFO. "Running
+    upgrade …" and every warning or error pass unchanged.
+    """
+
+    _PREFIXES = ("setup plugin", "setting up autogenerate plugin", "Context impl", "Will assume")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not str(record.msg).startswith(self._PREFIXES):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+_ALEMBIC_CHATTER = _AlembicChatter()
+# A logger's filters see only the records logged on it: these are the two that say them.
+_ALEMBIC_CHATTER_LOGGERS = ("alembic.runtime.plugins", "alembic.runtime.migration")
 
 
 class _OutputHandler(logging.Handler):

@@ -46,6 +46,8 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 SESSION_ERROR_CODES = (
     "malformed_json",
     "invalid_header",
+    "header_too_large",
+    "request_timeout",
     "unauthenticated",
     "forbidden_user",
     "insufficient_scope",

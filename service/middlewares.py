@@ -19,9 +19,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service import keys
+from service.client_ip import client_ip
 from service.errors import (
     PROBLEM_CONTENT_TYPE,
-    BadRequest,
+    ClientClosedRequest,
     InternalError,
     MethodNotAllowed,
     NotFound,
@@ -36,7 +37,6 @@ access_log = structlog.get_logger("access")
 app_log = structlog.get_logger("app")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_UNSHED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def route_label(request: web.Request) -> str:
@@ -55,23 +55,23 @@ def problem_response(error: ServiceError, request_id: str) -> web.Response:
     )
 
 
+def take_request_id(incoming: str | None) -> str:
+    """The caller's ``X-Request-ID`` if well-formed, else a generated one: a tracing
+    header never fails a request (SPEC §2)."""
+    if incoming is not None and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Take or make the request id, bind it to every log line, echo it back."""
-    incoming = request.headers.get("X-Request-ID")
-    valid = incoming is not None and _REQUEST_ID.fullmatch(incoming) is not None
-    request_id = incoming if valid and incoming else uuid.uuid4().hex
+    request_id = take_request_id(request.headers.get("X-Request-ID"))
     request[keys.REQUEST_ID] = request_id
     request[keys.LOG_FIELDS] = {}
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    if incoming is not None and not valid:
-        response: web.StreamResponse = problem_response(
-            BadRequest("invalid_header", "X-Request-ID must be 1-128 of [A-Za-z0-9._:-]."),
-            request_id,
-        )
-    else:
-        response = await handler(request)
+    response = await handler(request)
     response.headers["X-Request-ID"] = request_id
     return response
 
@@ -104,6 +104,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
             duration_ms=round(elapsed * 1000, 3),
             principal_type=principal.type if principal else None,
             principal_id=principal.id if principal else None,
+            client_ip=client_ip(request),
             **request[keys.LOG_FIELDS],
         )
 
@@ -114,6 +115,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     request_id = request[keys.REQUEST_ID]
     try:
         return await handler(request)
+    except ClientClosedRequest:
+        # Nobody is left to read an answer: the status is for the access line and metrics.
+        return web.Response(status=ClientClosedRequest.status)
     except ServiceError as exc:
         return problem_response(exc, request_id)
     except web.HTTPException as exc:
@@ -144,11 +148,14 @@ def _from_http_exception(exc: web.HTTPException) -> ServiceError:
 
 @web.middleware
 async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse at once above MAX_IN_FLIGHT instead of queueing without bound, and
-    refuse new work while draining. Probes and /metrics always pass, uncounted."""
-    if request.path in _UNSHED_PATHS:
-        return await handler(request)
+    """Refuse at once past the route's in-flight budget (MAX_IN_FLIGHT, or
+    WEBHOOK_MAX_IN_FLIGHT for webhooks) instead of queueing without bound, and
+    refuse new work while draining. Probes and /metrics have no budget: they
+    always pass, uncounted."""
     lifecycle = request.app[keys.LIFECYCLE]
+    budget = lifecycle.budget_for(request.match_info.route)
+    if budget is None:
+        return await handler(request)
     error: ServiceError | None = None
     if lifecycle.draining:
         error = ServiceUnavailable(
@@ -156,7 +163,7 @@ async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "This instance is shutting down; retry.",
             headers={"Retry-After": "1", "Connection": "close"},
         )
-    elif lifecycle.in_flight >= request.app[keys.SETTINGS].max_in_flight:
+    elif not lifecycle.try_enter(budget):
         error = ServiceUnavailable(
             "overloaded",
             "Too many requests in flight; retry shortly.",
@@ -166,11 +173,10 @@ async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # Refused before auth and audit: counted here (the shed panel and alerts).
         request.app[keys.METRICS].session_errors.labels(code=error.code).inc()
         raise error
-    lifecycle.enter()
     try:
         response = await handler(request)
     finally:
-        lifecycle.leave()
+        lifecycle.leave(budget)
     if lifecycle.draining:
         # Finished during a drain: the client reconnects, to another replica.
         response.force_close()

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
 # The migrations live beside the package (and are copied into the image).
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
+# The advisory lock one `migrate` holds at a time: env.py around the upgrade, then
+# db/grants.py around the grants. Any constant works; it only has to be the same
+# for every replica (and every release), so it never changes.
+MIGRATION_LOCK_ID = 0x706F7274616C  # "portal"
+
 
 def alembic_config(database_url: str) -> Config:
     """An alembic Config for our migrations folder and this database."""

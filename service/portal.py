@@ -1,7 +1,8 @@
 """The use case: open a portal session for one of our users.
 
 Reads top to bottom: who is the target user → check return URLs → resolve our
-ids to Stripe ids (one round trip) → build Stripe's params → call Stripe.
+ids to Stripe ids (one round trip) → for an end user, hide what is not
+self-serve → build Stripe's params → call Stripe.
 It knows nothing of HTTP; the protected pipeline and the handler around it do
 auth, validation, audit and the response.
 """
@@ -90,6 +91,8 @@ async def open_portal_session(
         )
     if not row["customer_found"]:
         raise NotFound("unknown_user", "No Stripe customer is mapped for this user.")
+    if principal.type == "user":
+        _self_service_only(row)
     audit.stripe_customer_id = row["stripe_customer_id"] or row["stripe_account_id"]
     if body.get("portal") and row["profile_name"] is None:
         raise NotFound(
@@ -173,6 +176,25 @@ def _stale_target(param: str | None, params: dict[str, Any]) -> tuple[str, str] 
     if param.endswith("[subscription]") or ("[items]" in param and param.endswith("[id]")):
         return "subscription", sub
     return None
+
+
+def _self_service_only(row: dict[str, Any]) -> None:
+    """Hide from an end user every plan, offer and profile not marked self-serve (SPEC §5).
+
+    Done once, before anything reads the row, so such an item takes exactly the
+    path of a name that does not exist: the same 404, the same body, no probing.
+    The user's own profile and the default profile are always theirs.
+    """
+    profile = row["profile_name"]
+    if profile is not None and not (
+        row["profile_self_serve"] or row["profile_is_default"] or profile == row["customer_portal"]
+    ):
+        for column in ("profile_name", "configuration_id", "on_behalf_of", "default_return_url"):
+            row[column] = None
+    if not row["plan_self_serve"]:
+        row["plan_price_id"] = row["plan_active"] = None
+    if not row["offer_self_serve"]:
+        row["offer_kind"] = row["offer_stripe_id"] = None
 
 
 def _target_user(principal: Principal, body: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ from marshmallow import Schema, ValidationError
 from service import audit, keys
 from service.audit import AuditEvent
 from service.auth import Principal
+from service.client_ip import client_ip
 from service.errors import (
     BadRequest,
     DatabaseUnavailable,
@@ -118,7 +119,7 @@ async def _serve(
         principal_type=principal.type,
         principal_id=principal.id,
         action=route.action,
-        client_ip=request.remote,
+        client_ip=client_ip(request),
         user_agent=request.headers.get("User-Agent"),
     )
     started = time.perf_counter()
@@ -129,7 +130,8 @@ async def _serve(
         key = _idempotency_key(request) if route.idempotent else None
         response = await handler(Call(request, principal, body, event, deadline, key))
     except ServiceError as exc:
-        await _decided(request, event, started, exc.status, exc)
+        store = _stored(request, principal, exc)
+        await _decided(request, event, started, exc.status, exc, store=store)
         raise
     except asyncio.CancelledError:
         # The caller hung up (aiohttp cancels the handler). Stripe may already
@@ -163,7 +165,7 @@ async def _authenticate(request: web.Request) -> Principal:
             error_code=exc.code,
             reason=exc.reason,
             route=route_label(request),
-            client_ip=request.remote,
+            client_ip=client_ip(request),
         )
         raise
     request[keys.PRINCIPAL] = principal
@@ -182,6 +184,17 @@ def _rate_limit(request: web.Request, principal: Principal) -> None:
     )
     if wait > 0:
         raise RateLimited(retry_after_seconds(wait))
+
+
+def _stored(request: web.Request, principal: Principal, error: ServiceError) -> bool:
+    """Whether a refusal gets its audit row: every one but repeated 429s (SPEC §6).
+
+    A principal past its rate limit writes one row per minute per replica, for
+    the first refusal of the window; the rest are logged and counted only.
+    """
+    if not isinstance(error, RateLimited):
+        return True
+    return request.app[keys.RATE_LIMITER].first_refusal_of_window(principal.key)
 
 
 async def _json_body(request: web.Request, limit: int) -> Any:
@@ -225,12 +238,14 @@ async def _decided(
     code: str | None = None,
     *,
     strict: bool = False,
+    store: bool = True,
 ) -> None:
     """Close the audit event with the decision and emit it.
 
     ``strict`` (a success) lets a failed write become the answer (503); for a
     refusal the caller gets the original error and the failed write is only
-    logged and counted.
+    logged and counted. ``store=False`` emits the log line and metric without
+    the row.
     """
     metrics = request.app[keys.METRICS]
     event.http_status = status
@@ -256,5 +271,5 @@ async def _decided(
             raise
         return
     # A failed write is already logged and counted; the caller gets the original error.
-    with contextlib.suppress(DatabaseUnavailable):
-        await audit.emit(request.app[keys.DB], metrics, event)
+    with contextlib.suppress(DatabaseUnavailable, audit.AuditRowRefused):
+        await audit.emit(request.app[keys.DB], metrics, event, store=store)

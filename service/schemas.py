@@ -68,13 +68,21 @@ class AfterCompletionSchema(Schema):
 class FlowSchema(Schema):
     type = fields.String(required=True, validate=validate.OneOf(FLOW_TYPES))
     subscription = _name(255, metadata={"description": "Subscription ref or sub_ id."})
-    plan = _name(metadata={"description": "subscription_update_confirm: internal plan."})
+    plan = _name(
+        metadata={"description": "subscription_update_confirm: plan (end users: self-serve only)."}
+    )
     quantity = StrictInteger(
         validate=validate.Range(min=1, max=10000),
         metadata={"description": "subscription_update_confirm: new quantity."},
     )
-    discount = _name(metadata={"description": "subscription_update_confirm: offer name."})
-    retention_offer = _name(metadata={"description": "subscription_cancel: offer name."})
+    discount = _name(
+        metadata={
+            "description": "subscription_update_confirm: offer name (end users: self-serve only)."
+        }
+    )
+    retention_offer = _name(
+        metadata={"description": "subscription_cancel: offer name (end users: self-serve only)."}
+    )
     after_completion = fields.Nested(AfterCompletionSchema)
 
     @validates_schema
@@ -103,7 +111,12 @@ class PortalSessionRequestSchema(Schema):
     )
     return_url = _text(1, 2048)
     locale = fields.String(validate=validate.OneOf(LOCALES))
-    portal = _name(metadata={"description": "Portal profile name."})
+    portal = _name(
+        metadata={
+            "description": "Portal profile name. End users: their own, the default one, "
+            "or a self-serve one."
+        }
+    )
     flow = fields.Nested(FlowSchema)
 
 

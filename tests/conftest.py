@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
-from service import logs, migrations
+from service import http_server, logs, migrations
 from service.app import create_app
 from service.auth import generate_client_token, hash_token
 from service.config import Settings
@@ -38,6 +39,7 @@ STRIPE_TEST_KEY = "sk_test_portalgatewaytests0123456789"
 # What must never appear in any log line the suite produces.
 LEAK_PATTERNS = re.compile(
     r"sk_test_portalgatewaytests|pgw_[A-Za-z0-9_-]{20,}|billing\.stripe\.com/p/session"
+    r"|/p/session/"  # a portal session URL on any host (custom portal domains)
     r"|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
 )
 
@@ -65,6 +67,13 @@ def _admin_url() -> str:
 
 def _with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def _with_role(url: str, role: str, password: str) -> str:
+    """``url`` as another role (a runtime role of SPEC §5), same server and database."""
+    parts = urlsplit(url)
+    server = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{server}"))
 
 
 async def _admin_execute(sql: str) -> None:
@@ -152,6 +161,23 @@ def settings(database_url: str, standin: Standin) -> Settings:
     return make_settings(database_url, standin.url)
 
 
+class ServiceTestServer(TestServer):
+    """aiohttp's TestServer on the service's own runner, as ``portal-gateway serve`` runs it.
+
+    ``handler_cancellation``: aiohttp's TestServer cancels a handler whose caller
+    hung up; ``serve`` does not (aiohttp's default), its handler sees the body
+    read fail instead. Tests of hang-ups choose.
+    """
+
+    def __init__(self, app: web.Application, *, handler_cancellation: bool = True) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self.handler_cancellation = handler_cancellation
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs["handler_cancellation"] = self.handler_cancellation
+        return http_server.AppRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def make_service(database_url: str, standin: Standin) -> AsyncIterator[Callable[..., Any]]:
     """Start the service (real HTTP) with extra environment variables."""
@@ -159,7 +185,7 @@ async def make_service(database_url: str, standin: Standin) -> AsyncIterator[Cal
 
     async def start(**env: str) -> TestClient[web.Request, web.Application]:
         app = create_app(make_settings(database_url, standin.url, **env), metrics=Metrics())
-        client = TestClient(TestServer(app, host="127.0.0.1"))
+        client = TestClient(ServiceTestServer(app))
         await client.start_server()
         clients.append(client)
         return client

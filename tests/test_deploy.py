@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -45,8 +46,11 @@ import orjson
 import pytest
 import yaml
 
+from service import audit_retention
 from service.app import create_app
+from service.cli import build_parser
 from service.config import Settings
+from service.handlers.health import metrics_app
 from service.metrics import Metrics
 from tests.conftest import (
     ALLOWED_ORIGIN,
@@ -56,6 +60,7 @@ from tests.conftest import (
     _admin_execute,
     _admin_url,
     _with_database,
+    _with_role,
 )
 from tests.helpers import PATH
 
@@ -84,7 +89,19 @@ DEFAULT_PEAK_RSS_MB = 150.0
 
 SECRET_LITERAL = re.compile(r"\b(?:sk|rk)_(?:test|live)_[A-Za-z0-9_]+|\bwhsec_[A-Za-z0-9_]+")
 COMPOSE_KEY_PLACEHOLDER = "sk_test_local_stripe_mock_placeholder"
-SECRET_VARIABLES = ("DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRETS", "JWT_HS256_SECRET")
+SECRET_VARIABLES = (
+    "DATABASE_URL",
+    "MIGRATE_DATABASE_URL",
+    "STRIPE_API_KEY",
+    "STRIPE_WEBHOOK_SECRETS",
+    "JWT_HS256_SECRET",
+)
+# Two database credentials (SPEC §5): the runtime role's, for the server, and
+# the schema owner's, for the migration Job only, each in a Secret of its own.
+SECRETS_OF = {
+    "Deployment": ("portal-gateway", {"DATABASE_URL_FILE"}),
+    "Job": ("portal-gateway-migrate", {"MIGRATE_DATABASE_URL_FILE"}),
+}
 
 
 # --------------------------------------------------------------------------- loading
@@ -172,6 +189,7 @@ def test_the_manifests_are_the_expected_set() -> None:
         [
             "ConfigMap",
             "Deployment",
+            "CronJob",
             "HorizontalPodAutoscaler",
             "Job",
             "NetworkPolicy",
@@ -235,7 +253,10 @@ def test_probes_point_at_routes_the_app_really_has() -> None:
     routes = _routes()
     container = _container("Deployment")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": int(_configmap()["PORT"])}
+    assert ports == {
+        "http": int(_configmap()["PORT"]),
+        "metrics": int(_configmap()["METRICS_PORT"]),
+    }
     probes = {
         name: container[name]["httpGet"]
         for name in ("readinessProbe", "livenessProbe", "startupProbe")
@@ -248,10 +269,19 @@ def test_probes_point_at_routes_the_app_really_has() -> None:
     # A probe answers within its timeout: /readyz is bounded by the database timeout.
     readiness = container["readinessProbe"]
     assert readiness["timeoutSeconds"] > float(_configmap()["DB_TIMEOUT_SECONDS"])
-    # The Service and the ServiceMonitor send traffic and scrapes to the same port.
+    # The Service sends traffic to the API port, scrapes to METRICS_PORT: the API
+    # port (all the ingress reaches) has no /metrics, METRICS_PORT nothing else.
     service = _one("Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
-    assert ("GET", "/metrics") in routes
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
+        "http": "http",
+        "metrics": "metrics",
+    }
+    assert ("GET", "/metrics") not in routes
+    settings = Settings.from_env({**_configmap(), "STRIPE_API_KEY": STRIPE_TEST_KEY})
+    scrape_routes = metrics_app(create_app(settings, metrics=Metrics())).router.routes()
+    assert [(r.method, r.resource.canonical) for r in scrape_routes if r.resource] == [
+        ("GET", "/metrics")
+    ]
 
 
 def test_servicemonitor_scrapes_the_service_as_job_portal_gateway() -> None:
@@ -268,6 +298,7 @@ def test_servicemonitor_scrapes_the_service_as_job_portal_gateway() -> None:
     (endpoint,) = spec["endpoints"]
     assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
     assert endpoint["port"] in port_names
+    assert endpoint["port"] == "metrics"  # METRICS_PORT: the API port has no /metrics
     assert endpoint["path"] == "/metrics"
     # Without jobLabel the operator names the job after the Service.
     assert "jobLabel" not in spec
@@ -414,7 +445,8 @@ def test_secrets_come_from_the_secret_volume_as_files(kind: str) -> None:
     }
     assert secret_mounts, "no Secret volume"
     files = _env_file_paths(container)
-    assert "DATABASE_URL_FILE" in files
+    secret_name, database_files = SECRETS_OF[kind]
+    assert database_files <= set(files)
     if kind == "Deployment":
         assert {"STRIPE_API_KEY_FILE", "STRIPE_WEBHOOK_SECRETS_FILE"} <= set(files)
     known = _config_variables()
@@ -422,13 +454,86 @@ def test_secrets_come_from_the_secret_volume_as_files(kind: str) -> None:
         assert name in known, name
         mount, _, key = path.rpartition("/")
         source = secret_mounts[mount]
-        assert source["secretName"] == "portal-gateway"
+        assert source["secretName"] == secret_name
         if "items" in source:
             assert key in [item["path"] for item in source["items"]]
     # Nothing secret as a plain value or through envFrom of a Secret.
     for entry in container.get("env", []):
         assert entry["name"] not in SECRET_VARIABLES, entry
     assert all("secretRef" not in source for source in container.get("envFrom", []))
+
+
+def _secret_names(kind: str) -> set[str]:
+    return {v["secret"]["secretName"] for v in _pod_spec(kind)["volumes"] if "secret" in v}
+
+
+def _env_names(kind: str) -> set[str]:
+    """Every variable the pod's container gets: its env, and the ConfigMap's through envFrom."""
+    container = _container(kind)
+    names = {e["name"] for e in container.get("env", [])}
+    if any("configMapRef" in source for source in container.get("envFrom", [])):
+        names |= set(_configmap())
+    return names
+
+
+def test_the_server_and_the_migration_job_use_two_database_credentials() -> None:
+    """SPEC §5: only the migration Job has the schema owner's credential."""
+    server, job = SECRETS_OF["Deployment"][0], SECRETS_OF["Job"][0]
+    assert server != job
+    # The server never sees the owner's credential; the Job neither the runtime
+    # role's nor the Stripe key.
+    assert _secret_names("Deployment") == {server}
+    assert _secret_names("Job") == {job}
+    assert not {"MIGRATE_DATABASE_URL", "MIGRATE_DATABASE_URL_FILE"} & _env_names("Deployment")
+    assert not {"DATABASE_URL", "DATABASE_URL_FILE", "STRIPE_API_KEY_FILE"} & _env_names("Job")
+    # After the upgrade the Job grants the runtime role only what serve needs.
+    args = _container("Job")["args"]
+    assert args[:2] == ["migrate", "--grant-to"]
+    assert len(args) == 3
+    assert build_parser().parse_args(args).grant_to == args[2]  # a valid role name
+
+
+def test_audit_prune_cronjob_runs_prune_monthly_with_the_owner_credential_only() -> None:
+    """SPEC §6: old audit partitions are dropped by the schema owner, once a month."""
+    cronjob = _one("CronJob")
+    template = cronjob["spec"]["jobTemplate"]["spec"]["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    # As hardened as the migration Job, from the same image as the server.
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"] == _pod_spec("Job")["securityContext"]
+    assert container["securityContext"] == _container("Job")["securityContext"]
+    assert container["image"] == _container("Deployment")["image"]
+    writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert writable == ["/tmp"]  # noqa: S108 - a pod path
+    for resource, parse in (("cpu", _cpu), ("memory", _bytes)):
+        requested = parse(container["resources"]["requests"][resource])
+        assert 0 < requested <= parse(container["resources"]["limits"][resource])
+    # `audit prune` with a retention the CLI accepts.
+    args = build_parser().parse_args(container["args"])
+    assert (args.command, args.audit_command) == ("audit", "prune")
+    assert args.older_than >= audit_retention.MIN_PRUNE_DAYS
+    # The owner's credential (the migration Job's Secret), and no other.
+    owner_secret = SECRETS_OF["Job"][0]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    files = _env_file_paths(container)
+    assert set(files) == {"MIGRATE_DATABASE_URL_FILE"}
+    mount, _, key = files["MIGRATE_DATABASE_URL_FILE"].rpartition("/")
+    assert mounts[mount]["secret"]["secretName"] == owner_secret
+    assert key in [item["path"] for item in mounts[mount]["secret"]["items"]]
+    assert {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v} == {owner_secret}
+    assert all("secretRef" not in source for source in container.get("envFrom", []))
+    # Monthly, one run at a time; its pods may reach Postgres (the NetworkPolicy
+    # selects them) but are never behind the Service.
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    _minute, _hour, day, month, weekday = cronjob["spec"]["schedule"].split()
+    assert day.isdigit()
+    assert (month, weekday) == ("*", "*")
+    labels = template["metadata"]["labels"]
+    policy_selector = _one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+    assert policy_selector.items() <= labels.items()
+    assert not _one("Deployment")["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_no_secret_values_anywhere_in_deploy() -> None:
@@ -460,12 +565,121 @@ def test_networkpolicy_allows_only_what_the_pods_need() -> None:
         labels = _one(kind)["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items(), kind
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
-    container_port = int(_configmap()["PORT"])
+    # The ingress controller reaches the API only, Prometheus /metrics only.
+    allowed = {}
     for rule in policy["ingress"]:
         assert rule.get("from"), "an ingress rule without `from` admits everyone"
-        assert [p["port"] for p in rule["ports"]] == [container_port]
+        for peer in rule["from"]:
+            name = peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+            allowed[name] = [p["port"] for p in rule["ports"]]
+    assert allowed == {
+        "ingress-nginx": [int(_configmap()["PORT"])],
+        "prometheus": [int(_configmap()["METRICS_PORT"])],
+    }
     egress_ports = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
     assert egress_ports == {("TCP", 5432), ("UDP", 53), ("TCP", 53), ("TCP", 443)}
+
+
+def _json_patch(doc: Any, operations: list[dict[str, Any]]) -> Any:
+    """RFC 6902 ``test`` and ``replace``, what kustomization.yaml's patches use."""
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        *parents, last = [
+            p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]
+        ]
+        target = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        key: Any = int(last) if isinstance(target, list) else last
+        if op["op"] == "test":
+            assert target[key] == op["value"], f"kustomization patch: test failed: {op}"
+        elif op["op"] == "replace":
+            assert key in target or isinstance(target, list), op
+            target[key] = op["value"]
+        else:
+            raise AssertionError(f"unexpected patch op in kustomization.yaml: {op}")
+    return doc
+
+
+def _kustomized(kind: str) -> dict[str, Any]:
+    """One object as `kubectl apply -k deploy/k8s` creates it: the kustomization's
+    patches applied (kubectl, when installed, is checked to agree)."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    doc = _one(kind)
+    for patch in kustomization.get("patches", []):
+        target = patch["target"]
+        if (target["kind"], target["name"]) == (kind, doc["metadata"]["name"]):
+            doc = _json_patch(doc, yaml.safe_load(patch["patch"]))
+    return doc
+
+
+def _egress_rule(policy: dict[str, Any], protocol: str, port: int) -> dict[str, Any]:
+    (rule,) = [
+        r for r in policy["egress"] if {"protocol": protocol, "port": port} in r.get("ports", [])
+    ]
+    return rule
+
+
+def _ip_blocks(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    peers: list[dict[str, Any]] = rule["to"]
+    assert all(set(peer) == {"ipBlock"} for peer in peers), peers
+    return [peer["ipBlock"] for peer in peers]
+
+
+def test_networkpolicy_egress_goes_to_the_database_range_and_never_to_metadata() -> None:
+    policy = _kustomized("NetworkPolicy")
+    kubernetes_validate.validate(policy, K8S_VERSIONS[-1], strict=True)
+    spec = policy["spec"]
+    # Every egress rule names where it goes: a rule without `to` is "anywhere".
+    assert all(rule.get("to") and rule.get("ports") for rule in spec["egress"]), spec["egress"]
+
+    # Postgres: exactly the range set in the kustomization, never the base's placeholder.
+    (database,) = _ip_blocks(_egress_rule(spec, "TCP", 5432))
+    network = ipaddress.ip_network(database["cidr"])
+    assert network.is_private, network
+    assert network.prefixlen >= 8, network  # a range, not "anywhere"
+    assert "except" not in database
+    (base,) = _ip_blocks(_egress_rule(_one("NetworkPolicy")["spec"], "TCP", 5432))
+    assert ipaddress.ip_network(base["cidr"]) == ipaddress.ip_network("192.0.2.0/24")
+    assert network != ipaddress.ip_network(base["cidr"])
+
+    # DNS: kube-dns only.
+    (dns,) = _egress_rule(spec, "UDP", 53)["to"]
+    assert _egress_rule(spec, "TCP", 53)["to"] == [dns]
+    assert dns["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert "ipBlock" not in dns
+
+    # HTTPS to the internet (Stripe), but not to the metadata endpoints, either family.
+    blocks = _ip_blocks(_egress_rule(spec, "TCP", 443))
+    metadata = [
+        ipaddress.ip_address(a)
+        for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "fd20:ce::254")
+    ]
+    for address in metadata:
+        allowing = [
+            b
+            for b in blocks
+            if address in ipaddress.ip_network(b["cidr"])
+            and not any(address in ipaddress.ip_network(e) for e in b.get("except", []))
+        ]
+        assert allowing == [], (str(address), allowing)
+    stripe = ipaddress.ip_address("54.187.174.169")  # one of api.stripe.com's addresses
+    assert any(stripe in ipaddress.ip_network(b["cidr"]) for b in blocks)
+    assert {ipaddress.ip_network(b["cidr"]).version for b in blocks} == {4, 6}
+
+
+def test_kubectl_kustomize_renders_the_same_networkpolicy() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the patch was applied by the test alone")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    (policy,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "NetworkPolicy"]
+    expected = _kustomized("NetworkPolicy")
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    expected["metadata"]["namespace"] = kustomization["namespace"]
+    assert policy == expected
 
 
 # --------------------------------------------------------------------------- compose
@@ -771,7 +985,7 @@ def test_dockerfile_signals_health_and_entry_point() -> None:
     assert scripts["portal-gateway"] == "service.cli:main"
     # Kubernetes runs the same command; the Job, the other one.
     assert _container("Deployment")["args"] == _exec_form(cmd)
-    assert _container("Job")["args"] == ["migrate"]
+    assert _container("Job")["args"][0] == "migrate"
     assert "command" not in _container("Deployment")
     assert "command" not in _container("Job")
     assert _container("Deployment")["image"] == _container("Job")["image"]
@@ -944,6 +1158,10 @@ class ImageRun:
     logs: Path
     database_url: str
     executable: Path = VENV_BIN / "portal-gateway"
+    # The migration Job's own secret files (the owner's credential), and the
+    # runtime role its `--grant-to` names (unique per run).
+    job_env_files: dict[str, str] = field(default_factory=dict)
+    runtime_role: str = ""
 
     async def run(self, *args: str) -> tuple[int, str, str]:
         process = await asyncio.create_subprocess_exec(
@@ -968,23 +1186,28 @@ async def image_run(standin: Standin, tmp_path: Path) -> AsyncIterator[ImageRun]
     for folder in (home, tmp, secrets_dir):
         folder.mkdir()
 
-    # A database that does not exist yet: `migrate` creates it, as on a new cluster.
+    # A database that does not exist yet: `migrate` creates it, as on a new cluster,
+    # as the schema owner; the server connects as the runtime role the Job grants to.
     name = f"pgw_deploy_{uuid.uuid4().hex[:12]}"
     database_url = _with_database(_admin_url(), name)
+    role, password = f"pgw_deploy_{uuid.uuid4().hex[:10]}", secrets.token_hex(16)
 
-    # The Secret volume: one file per key, at the path the pod's *_FILE names.
-    container = _container("Deployment")
+    # The Secret volumes: one file per key, at the path the pod's *_FILE names.
     values = {
-        "DATABASE_URL_FILE": database_url,
+        "DATABASE_URL_FILE": _with_role(database_url, role, password),
+        "MIGRATE_DATABASE_URL_FILE": database_url,
         "STRIPE_API_KEY_FILE": STRIPE_TEST_KEY,
         "STRIPE_WEBHOOK_SECRETS_FILE": "whsec_" + secrets.token_hex(16),
     }
-    env_files = {}
-    for variable, pod_path in _env_file_paths(container).items():
-        local = secrets_dir / Path(pod_path).name
-        local.write_text(values[variable] + "\n")
-        local.chmod(0o440)
-        env_files[variable] = str(local)
+    files_of: dict[str, dict[str, str]] = {}
+    for kind in ("Deployment", "Job"):
+        files_of[kind] = {}
+        for variable, pod_path in _env_file_paths(_container(kind)).items():
+            local = secrets_dir / Path(pod_path).name
+            local.write_text(values[variable] + "\n")
+            local.chmod(0o440)
+            files_of[kind][variable] = str(local)
+    env_files = files_of["Deployment"]
 
     image_env = _image_env(_stages()[-1])
     env = {
@@ -994,6 +1217,7 @@ async def image_run(standin: Standin, tmp_path: Path) -> AsyncIterator[ImageRun]
         # What differs from a pod: loopback, a free port, the stand-in for Stripe.
         "HOST": "127.0.0.1",
         "PORT": str(_free_port()),
+        "METRICS_PORT": str(_free_port()),
         "STRIPE_API_BASE": standin.url,
         "RETURN_URL_ALLOWLIST": ALLOWED_ORIGIN,
         "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
@@ -1004,12 +1228,21 @@ async def image_run(standin: Standin, tmp_path: Path) -> AsyncIterator[ImageRun]
         "PYTHONPATH": str(app),
     }
     _read_only(app)
+    await _admin_execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
     try:
-        yield ImageRun(app, env, tmp_path / "serve.jsonl", database_url)
+        yield ImageRun(
+            app,
+            env,
+            tmp_path / "serve.jsonl",
+            database_url,
+            job_env_files=files_of["Job"],
+            runtime_role=role,
+        )
     finally:
         for path in [app, *app.rglob("*")]:
             path.chmod(stat.S_IMODE(path.stat().st_mode) | stat.S_IWUSR)
         await _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await _admin_execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
 def _leaks(text: str) -> list[str]:
@@ -1057,12 +1290,15 @@ async def test_production_like_run_migrate_then_serve(
     assert standin_loaded == "False"
 
     # The migration Job: its args, and only the secret files it mounts (no Stripe key).
+    # The owner's credential is the Job's alone; it grants the runtime role, whose
+    # credential is all the server and the CLI below have (SPEC §5).
     job = _container("Job")
-    job_files = _env_file_paths(job)
-    job_env = {k: v for k, v in env.items() if not k.endswith("_FILE") or k in job_files}
+    job_env = {k: v for k, v in env.items() if not k.endswith("_FILE")}
+    job_env |= image_run.job_env_files
+    *grant, _ = job["args"]  # ["migrate", "--grant-to", ROLE]: this run's role
     code, _, err = await ImageRun(
         image_run.app, job_env, image_run.logs, image_run.database_url
-    ).run(*job["args"])
+    ).run(*grant, image_run.runtime_role)
     assert code == 0, err[-3000:]
 
     # Data and a client, with the same CLI an operator runs in a pod.
@@ -1101,6 +1337,12 @@ async def test_production_like_run_migrate_then_serve(
             for probe_name in ("readinessProbe", "livenessProbe", "startupProbe"):
                 async with http.get(base + container[probe_name]["httpGet"]["path"]) as resp:
                     assert resp.status == 200, probe_name
+            # The ConfigMap's METRICS_PORT: /metrics there, not on the API port.
+            async with http.get(base + "/metrics") as resp:
+                assert resp.status == 404
+            async with http.get(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics") as resp:
+                assert resp.status == 200
+                assert "portal_gateway_ready 1.0" in await resp.text()
             async with http.post(
                 base + PATH,
                 data=orjson.dumps({"user_id": "u_deploy", "flow": {"type": "subscription_cancel"}}),

@@ -165,13 +165,14 @@ async def test_good_file_of_each_kind_imports(run: Any, conn: asyncpg.Connection
         ("sub_2", "u_1", None, "canceled", "si_2", "price_basic", 0),
         ("sub_3", "u_2", "multi", "past_due", None, None, None),
     ]
+    # The last column is self_serve: false when the header does not name it.
     assert [tuple(r.values()) for r in tables["plans"]] == [
-        ("legacy", "price_old", False),
-        ("pro", "price_pro", True),
+        ("legacy", "price_old", False, False),
+        ("pro", "price_pro", True, False),
     ]
     assert [tuple(r.values()) for r in tables["offers"]] == [
-        ("spring", "promotion_code", "promo_spring"),
-        ("stay-20", "coupon", "STAY-20%off"),
+        ("spring", "promotion_code", "promo_spring", False),
+        ("stay-20", "coupon", "STAY-20%off", False),
     ]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from service.logs import redact, set_format, tee
 from tests.conftest import LEAK_PATTERNS, STRIPE_TEST_KEY, Standin
@@ -180,3 +181,102 @@ async def test_console_format_for_development(service: Any, token: str) -> None:
     assert "[aiohttp.server" in text
     assert "slow client" in text
     assert LEAK_PATTERNS.search(text) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://billing.example.com/p/session/live_YWNjdF8xTzBaXzEyMw",
+        "https://portal.example.org:8443/p/session/test_YWNjdF8xTz?locale=fr",
+        "http://localhost:12111/p/session/test_YWNjdF8xTz",
+        "billing.example.com/p/session/test_YWNjdF8xTz",
+        "https://example.com/billing/p/session/test_YWNjdF8xTz",
+    ],
+)
+def test_redact_masks_a_portal_session_url_on_any_host(url: str) -> None:
+    """A custom portal domain keeps Stripe's /p/session/<token> path: masked on any host."""
+    line = orjson.dumps({"event": "x", "url": url, "next": "kept"}).decode()
+    masked = redact(line)
+    assert "YWNjdF8xTz" not in masked
+    assert "/p/session/" not in masked
+    assert orjson.loads(masked)["next"] == "kept"  # still one valid JSON object
+    assert LEAK_PATTERNS.search(line) is not None  # and the suite would catch it unmasked
+
+
+def _stdlib_warning(logger: str, msg: str, *args: object) -> None:
+    """A standard-library record, handed to the service's handler only.
+
+    Not ``logging.getLogger(...).warning``: pytest's own log capture would keep
+    the raw record too, and under xdist ships its text to the controller, which
+    can't carry a lone surrogate (the worker dies). The service's handler is what
+    is under test.
+    """
+    record = logging.LogRecord(logger, logging.WARNING, __file__, 0, msg, args, None)
+    handlers = [h for h in logging.getLogger().handlers if type(h).__module__ == "service.logs"]
+    assert handlers
+    for handler in handlers:
+        handler.handle(record)
+
+
+def test_a_log_line_never_raises_for_its_values(captured: io.StringIO) -> None:
+    """Lone surrogates (header bytes that were not UTF-8), NUL, non-str keys, huge ints,
+    objects whose str() fails, cycles: the line is written, one JSON object, escaped."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    values: dict[str, Any] = {
+        "user_agent": "curl/8 \udce9",
+        "nul": "a\x00b",
+        "lone": "\ud800",
+        "big": 2**70,
+        "obj": Unprintable(),
+        "nested": {1: ["\udcff"]},
+        "cyclic": cyclic,
+    }
+    structlog.get_logger("audit").info("audit", **values)
+    structlog.get_logger("audit").error("audit_write_failed", user_agent="\udce9")
+    _stdlib_warning("aiohttp.server", "bad byte %s", "\udce9")
+    first, second, third = _lines(captured)
+    assert (first["event"], first["user_agent"]) == ("audit", "curl/8 \\xe9")
+    assert (first["nul"], first["lone"]) == ("a\\x00b", "\\ud800")
+    assert (first["big"], first["nested"]) == (str(2**70), {"1": ["\\xff"]})
+    assert first["obj"] == "<Unprintable>"
+    assert (second["event"], second["user_agent"]) == ("audit_write_failed", "\\xe9")
+    assert (third["logger"], third["event"]) == ("aiohttp.server", "bad byte \\xe9")
+    previous = set_format("console")
+    try:
+        with tee(io.StringIO()) as console:
+            structlog.get_logger("audit").info("audit", **values)
+            _stdlib_warning("aiohttp.server", "bad byte %s", "\udce9")
+    finally:
+        set_format(previous)
+    console.getvalue().encode("utf-8")  # writable: no lone surrogate left
+    assert "curl/8 \\udce9" in console.getvalue()
+
+
+def test_alembic_set_up_lines_only_at_debug(captured: io.StringIO) -> None:
+    """`migrate` and `make run` at INFO: no plugin, dialect or DDL-mode lines; the
+    revisions applied and every warning or error still show."""
+    root = logging.getLogger()
+    previous = root.level
+    plugins = logging.getLogger("alembic.runtime.plugins")
+    migration = logging.getLogger("alembic.runtime.migration")
+    root.setLevel(logging.INFO)
+    try:
+        plugins.info("setup plugin %s", "alembic.autogenerate.schemas")
+        migration.info("Context impl %s.", "PostgresqlImpl")
+        migration.info("Will assume %s DDL.", "transactional")
+        migration.info("Running upgrade %s -> %s, %s", "0001", "0002", "Webhook state")
+        migration.error("Can't locate revision identified by '%s'", "nope")
+    finally:
+        root.setLevel(previous)
+    migration.info("Context impl %s.", "PostgresqlImpl")  # at DEBUG it is there, as debug
+    assert [(line["event"], line["level"]) for line in _lines(captured)] == [
+        ("Running upgrade 0001 -> 0002, Webhook state", "info"),
+        ("Can't locate revision identified by 'nope'", "error"),
+        ("Context impl PostgresqlImpl.", "debug"),
+    ]

@@ -7,6 +7,7 @@ exactly as the table spells them, from the text ``/metrics`` serves.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service import keys
+from service.readiness import MAX_AGE_SECONDS
 from tests.conftest import Standin, create_client_token
 from tests.helpers import PATH, created, post_session, problem
 
@@ -248,7 +250,9 @@ async def test_pool_gauge_is_current_at_scrape_time(make_service: Any) -> None:
 async def test_ready_gauge_follows_readiness(service: Any, conn: Any) -> None:
     assert (await scrape(service)).value("portal_gateway_ready") == 1
     await conn.execute("UPDATE alembic_version SET version_num = 'older'")
-    # Kept current at every scrape, whether or not anything probes /readyz.
+    # Kept current at every scrape, whether or not anything probes /readyz, from a
+    # check at most 1 s old: move the readiness clock past that.
+    service.app[keys.READINESS].clock = lambda: time.monotonic() + MAX_AGE_SECONDS
     assert (await scrape(service)).value("portal_gateway_ready") == 0
     assert (await service.get("/readyz")).status == 503
 

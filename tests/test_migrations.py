@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 from alembic.script import ScriptDirectory
 
@@ -77,7 +78,9 @@ def _snapshot(url: str) -> set[str]:
 
 
 def _tables(url: str) -> set[str]:
-    return {line.split()[2] for line in _snapshot(url) if line.startswith("relation r ")}
+    # Plain tables and partitioned ones (audit_events, SPEC §6).
+    tables = ("relation r ", "relation p ")
+    return {line.split()[2] for line in _snapshot(url) if line.startswith(tables)}
 
 
 def _revision(url: str) -> str | None:
@@ -261,3 +264,31 @@ async def test_audit_events_are_append_only(conn: asyncpg.Connection) -> None:
     row = await conn.fetchrow("SELECT id, outcome FROM audit_events")
     assert row is not None
     assert (row["id"], row["outcome"]) == (row_id, "created")
+
+
+def test_migrate_at_info_shows_revisions_not_alembic_set_up_lines(empty_database: str) -> None:
+    """What `make run` (and `migrate`) print at INFO: the revisions applied, without
+    alembic's plugin, dialect and DDL-mode lines; a failed migration is still loud."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DATABASE_URL": empty_database,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+    }
+    run = [str(PORTAL_GATEWAY), "migrate"]
+    done = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    events = [orjson.loads(line)["event"] for line in done.stdout.splitlines()]
+    assert any(event.startswith("Running upgrade") for event in events), events
+    chatter = ("setup plugin", "Context impl", "Will assume")
+    assert [event for event in events if event.startswith(chatter)] == []
+    failed = subprocess.run(
+        [*run, "no_such_revision"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode != 0
+    assert "no_such_revision" in failed.stdout + failed.stderr

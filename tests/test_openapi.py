@@ -7,9 +7,13 @@ documented outcome truthfully, and leak nothing.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib
+import inspect
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +32,8 @@ from tests.conftest import (
 )
 from tests.helpers import PATH, post_session
 
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = ROOT / "service"
 DOC_PATH = "/api/docs/swagger.json"
 PROBLEM_JSON = "application/problem+json"
 UNUSED_STRIPE_BASE = "http://127.0.0.1:9"  # the document needs no upstream
@@ -69,7 +75,7 @@ SESSION_FIELDS = {
     "livemode",
 }
 ERROR_CODES = {
-    400: {"malformed_json", "invalid_header"},
+    400: {"malformed_json", "invalid_header", "header_too_large"},
     401: {"unauthenticated"},
     403: {"forbidden_user", "insufficient_scope", "return_url_not_allowed"},
     404: {
@@ -86,6 +92,7 @@ ERROR_CODES = {
         "subscription_not_updatable",
         "idempotency_conflict",
     },
+    408: {"request_timeout"},
     413: {"payload_too_large"},
     415: {"unsupported_media_type"},
     422: {"validation_failed"},
@@ -94,6 +101,17 @@ ERROR_CODES = {
     503: {"upstream_unavailable", "database_unavailable", "overloaded", "draining"},
     504: {"upstream_timeout"},
 }
+WEBHOOK_PATH = "/v1/stripe/webhooks"
+WEBHOOK_ERROR_CODES = {
+    400: {"invalid_signature", "malformed_json", "invalid_event", "header_too_large"},
+    408: {"request_timeout"},
+    413: {"payload_too_large"},
+    503: {"database_unavailable", "overloaded", "draining"},
+}
+# Codes no operation documents: answers for a path or method that has no
+# operation (404, 405), aiohttp's other HTTP errors, and the 499 of a caller
+# that hung up (no body: nobody reads it).
+NOT_OPERATION_CODES = {"not_found", "method_not_allowed", "http_error", "client_closed_request"}
 
 
 async def _fetch_document(template_database: str) -> str:
@@ -234,10 +252,23 @@ def test_201_response_is_the_portal_session(document: dict[str, Any]) -> None:
     assert session["properties"]["created"]["type"] == "integer"
 
 
-def test_every_error_status_is_documented_as_a_problem(document: dict[str, Any]) -> None:
-    responses = _operation(document)["responses"]
+def _problem_and_codes(doc: dict[str, Any], response: dict[str, Any]) -> tuple[Any, Any]:
+    """An error response's schema: the Problem component, and the `code` schema
+    that narrows it (``allOf: [{$ref: Problem}, {properties: {code: {enum}}}]``)."""
+    schema = response["content"][PROBLEM_JSON]["schema"]
+    problem, narrowing = schema["allOf"]
+    return _resolve(doc, problem), narrowing["properties"]["code"]
+
+
+@pytest.mark.parametrize(
+    ("path", "oracle"), [(PATH, ERROR_CODES), (WEBHOOK_PATH, WEBHOOK_ERROR_CODES)]
+)
+def test_every_error_status_is_documented_as_a_problem(
+    document: dict[str, Any], path: str, oracle: dict[int, set[str]]
+) -> None:
+    responses = document["paths"][path]["post"]["responses"]
     wrong: list[str] = []
-    for status, codes in sorted(ERROR_CODES.items()):
+    for status, codes in sorted(oracle.items()):
         response = responses.get(str(status))
         if response is None:
             wrong.append(f"{status}: not documented")
@@ -246,18 +277,136 @@ def test_every_error_status_is_documented_as_a_problem(document: dict[str, Any])
         if set(response.get("content", {})) != {PROBLEM_JSON}:
             wrong.append(f"{status}: media types {sorted(response.get('content', {}))}")
             continue
-        problem = _resolve(document, response["content"][PROBLEM_JSON]["schema"])
+        problem, code = _problem_and_codes(document, response)
         required = {"type", "title", "status", "code", "detail", "request_id"}
         if not required <= set(problem.get("required", ())) or "errors" not in problem.get(
             "properties", {}
         ):
             wrong.append(f"{status}: not the problem schema: {problem}")
+        missing_codes = codes - set(code.get("enum", ()))
+        if missing_codes:
+            wrong.append(f"{status}: codes not in the enum: {sorted(missing_codes)}")
         missing_codes = codes - set(re.findall(r"`([a-z_]+)`", response["description"]))
         if missing_codes:
             wrong.append(f"{status}: codes not listed: {sorted(missing_codes)}")
         if status in (429, 503) and "Retry-After" not in response.get("headers", {}):
             wrong.append(f"{status}: Retry-After not documented")
     assert wrong == []
+
+
+def _error_responses(doc: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:
+    return [
+        (f"{method.upper()} {path}", int(status), response)
+        for path, item in doc["paths"].items()
+        for method, operation in item.items()
+        for status, response in operation["responses"].items()
+        if PROBLEM_JSON in response.get("content", {})
+    ]
+
+
+def test_problem_codes_are_a_typed_enum_per_status(document: dict[str, Any]) -> None:
+    """What a generated client gets: per status, `code` is a union of string literals."""
+    found = _error_responses(document)
+    assert {where for where, _, _ in found} == {f"POST {PATH}", f"POST {WEBHOOK_PATH}"}
+    for where, status, response in found:
+        problem, code = _problem_and_codes(document, response)
+        assert problem["properties"]["code"]["type"] == "string", where
+        assert code["type"] == "string", (where, status)
+        enum = code["enum"]
+        assert enum, (where, status)
+        assert all(re.fullmatch(r"[a-z][a-z_]*", c) for c in enum), (where, status)
+        assert len(set(enum)) == len(enum), (where, status)
+        # The description lists the same codes, for people.
+        listed = re.findall(r"`([a-z_]+)`", response["description"])
+        assert set(listed) == set(enum), (where, status)
+        # The enum holds: a code of another status is not valid for this one.
+        validator = _schema_validator(document, response["content"][PROBLEM_JSON]["schema"])
+        body = {
+            "type": "about:blank",
+            "title": "x",
+            "status": status,
+            "detail": "x",
+            "request_id": "r",
+        }
+        assert validator.is_valid({**body, "code": enum[0]}), (where, status)
+        assert not validator.is_valid({**body, "code": "no_such_code"}), (where, status)
+
+
+def _service_error_codes() -> dict[tuple[int, str], list[str]]:
+    """Every (status, code) the service's source can raise, read from the source:
+    each construction of a ServiceError subclass, with a literal code or its default.
+
+    A code chosen at run time (not a literal) is reported as such, so it can't
+    slip past this check.
+    """
+    trees = {path: ast.parse(path.read_text()) for path in sorted(SERVICE.rglob("*.py"))}
+    classes: dict[str, Path] = {"ServiceError": SERVICE / "errors.py"}
+    grown = True
+    while grown:  # subclasses of subclasses, wherever they are defined
+        grown = False
+        for path, tree in trees.items():
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and node.name not in classes:
+                    bases = {b.id if isinstance(b, ast.Name) else "" for b in node.bases}
+                    if bases & set(classes):
+                        classes[node.name] = path
+                        grown = True
+    runtime: dict[str, Any] = {}
+    fixed: dict[str, str] = {}  # classes whose __init__ passes a literal code up
+    for name, path in classes.items():
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        runtime[name] = getattr(importlib.import_module(module), name)
+        (class_def,) = [
+            n for n in ast.walk(trees[path]) if isinstance(n, ast.ClassDef) and n.name == name
+        ]
+        for call in ast.walk(class_def):
+            if (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "__init__"
+                and call.args
+                and isinstance(call.args[0], ast.Constant)
+                and isinstance(call.args[0].value, str)
+            ):
+                fixed[name] = call.args[0].value
+    found: dict[tuple[int, str], list[str]] = {}
+    for path, tree in trees.items():
+        for call in ast.walk(tree):
+            if not isinstance(call, ast.Call):
+                continue
+            func = call.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name not in runtime:
+                continue
+            cls = runtime[name]
+            where = f"{path.relative_to(ROOT)}:{call.lineno}"
+            params = list(inspect.signature(cls.__init__).parameters)
+            code: Any = fixed.get(name, cls.default_code)
+            if params[1:2] == ["code"]:
+                given = call.args[0] if call.args else None
+                given = given or next((k.value for k in call.keywords if k.arg == "code"), None)
+                if given is not None:
+                    literal = isinstance(given, ast.Constant) and isinstance(given.value, str)
+                    code = given.value if literal else f"<not a literal at {where}>"
+            found.setdefault((cls.status, code), []).append(where)
+    return found
+
+
+def test_every_code_the_service_raises_is_in_its_status_enum(document: dict[str, Any]) -> None:
+    documented: dict[int, set[str]] = {}
+    for _, status, response in _error_responses(document):
+        _, code = _problem_and_codes(document, response)
+        documented.setdefault(status, set()).update(code["enum"])
+    raised = _service_error_codes()
+    # The scan sees what it must: every code of SPEC §2's table is raised somewhere.
+    spec = {(status, code) for status, codes in ERROR_CODES.items() for code in codes}
+    assert spec <= set(raised), sorted(spec - set(raised))
+    undocumented = {
+        f"{status} {code}: {where}"
+        for (status, code), where in raised.items()
+        if code not in NOT_OPERATION_CODES and code not in documented.get(status, set())
+    }
+    assert undocumented == set()
 
 
 def test_health_endpoints_are_documented(document: dict[str, Any]) -> None:

@@ -271,10 +271,8 @@ async def test_deeply_nested_json_refused_cleanly(service: Any, token: str) -> N
     assert resp.headers["Content-Type"].startswith("application/problem+json")
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [{"X-Request-ID": "bad id with spaces"}, {"X-Request-ID": "x" * 129}, {"Idempotency-Key": "é"}],
-)
+# An invalid X-Request-ID is replaced, not refused (SPEC §2): tests/test_headers.py.
+@pytest.mark.parametrize("headers", [{"Idempotency-Key": "é"}])
 async def test_invalid_headers(service: Any, token: str, headers: dict[str, str]) -> None:
     await problem(
         await post_session(service, {"user_id": "u_42"}, token, headers), 400, "invalid_header"
@@ -334,11 +332,8 @@ async def test_caller_hanging_up_mid_body_is_decided_not_crashed(
                 break
             await asyncio.sleep(0.01)
     assert row is not None, log.getvalue()
-    # aiohttp either cancels the handler (499) or fails the read (400): both are recorded.
-    assert (row["http_status"], row["error_code"]) in (
-        (499, "client_closed_request"),
-        (400, "malformed_json"),
-    )
+    # aiohttp either cancels the handler or fails the read: a 499 either way, recorded.
+    assert (row["http_status"], row["error_code"]) == (499, "client_closed_request")
     assert "unhandled_exception" not in log.getvalue()
 
 

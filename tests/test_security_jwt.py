@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from service import keys
 from tests.conftest import Standin
 from tests.helpers import created, post_session, problem
 
@@ -156,6 +157,8 @@ BAD_TOKENS = {
     "unknown_kid": lambda: token_for(key=KEY_2, kid="k-unknown"),
     "signed_by_other_key_with_known_kid": lambda: token_for(key=KEY_2, kid="k1"),
     "no_kid": lambda: token_for(kid=None),
+    "valid_for_ten_years": lambda: token_for(exp=int(time.time()) + 10 * 365 * 86400),
+    "valid_for_two_days_without_iat": lambda: token_for(iat=None, exp=int(time.time()) + 2 * 86400),
     "garbage": lambda: "not-a-token",
     "three_dots_garbage": lambda: "eyJ.eyJ.x",
 }
@@ -249,3 +252,78 @@ async def test_auth_failures_counted_by_reason(jwt_service: Any) -> None:
     text = await (await jwt_service.get("/metrics")).text()
     assert 'portal_gateway_auth_failures_total{reason="jwt_expired"} 1.0' in text
     assert 'portal_gateway_auth_failures_total{reason="unknown_token"} 1.0' in text
+
+
+def _auth_failures(service: Any, reason: str) -> float:
+    value = service.app[keys.METRICS].registry.get_sample_value(
+        "portal_gateway_auth_failures_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_lifetime_is_bounded_by_jwt_max_lifetime_seconds(make_service: Any) -> None:
+    service = await make_service(
+        JWT_HS256_SECRET="s" * 40,
+        JWT_ISSUER=ISSUER,
+        JWT_AUDIENCE=AUDIENCE,
+        JWT_ALGORITHMS="HS256",
+        JWT_MAX_LIFETIME_SECONDS="600",
+    )
+
+    def hs256(**claims: Any) -> str:
+        return token_for(key="s" * 40, alg="HS256", kid=None, **claims)
+
+    now = int(time.time())
+    # exp - iat: exactly the limit passes, a second more does not, however young the token.
+    await created(await post_session(service, {}, hs256(iat=now, exp=now + 600)))
+    refused = hs256(iat=now, exp=now + 601)
+    await problem(await post_session(service, {}, refused), 401, "unauthenticated")
+    # Without iat the lifetime left (exp - now) counts.
+    await created(await post_session(service, {}, hs256(iat=None, exp=now + 300)))
+    refused = hs256(iat=None, exp=now + 3600)
+    await problem(await post_session(service, {}, refused), 401, "unauthenticated")
+    # An old token with a little time left is still one minted for too long.
+    old = hs256(iat=now - 3000, exp=now + 60)
+    await problem(await post_session(service, {}, old), 401, "unauthenticated")
+    assert _auth_failures(service, "jwt_lifetime") == 3
+
+
+async def test_default_max_lifetime_refuses_a_ten_year_token(jwt_service: Any) -> None:
+    now = int(time.time())
+    await created(await post_session(jwt_service, {}, token_for(iat=now, exp=now + 86400)))
+    ten_years = token_for(iat=now, exp=now + 10 * 365 * 86400)
+    await problem(await post_session(jwt_service, {}, ten_years), 401, "unauthenticated")
+    assert _auth_failures(jwt_service, "jwt_lifetime") == 1
+
+
+def _typed(typ: str | None) -> str:
+    now = int(time.time())
+    payload = {"sub": "u_42", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300}
+    # PyJWT writes typ "JWT" unless told otherwise; None leaves typ out.
+    return jwt.encode(payload, KEY_1, algorithm="RS256", headers={"kid": "k1", "typ": typ})
+
+
+async def test_jwt_required_typ_must_match_the_header(
+    make_service: Any, idp: IdentityProvider
+) -> None:
+    service = await make_service(
+        JWT_JWKS_URL=idp.url,
+        JWT_ISSUER=ISSUER,
+        JWT_AUDIENCE=AUDIENCE,
+        JWT_ALGORITHMS="RS256",
+        JWT_REQUIRED_TYP="at+jwt",
+    )
+    # An ID token (typ JWT) or an untyped one is not an access token.
+    for typ in ("JWT", None, "at+jwt-not", "application/jwt"):
+        body = await problem(await post_session(service, {}, _typed(typ)), 401, "unauthenticated")
+        assert body["detail"] == "A valid bearer token is required."
+    assert _auth_failures(service, "jwt_typ") == 4
+    assert idp.fetches == 0  # refused before any key lookup
+    # A media type: case-insensitive, with or without its application/ prefix (RFC 7515).
+    for typ in ("at+jwt", "AT+JWT", "application/at+jwt"):
+        await created(await post_session(service, {}, _typed(typ)))
+
+
+async def test_typ_is_not_checked_unless_required(jwt_service: Any) -> None:
+    for typ in ("JWT", None, "at+jwt"):
+        await created(await post_session(jwt_service, {}, _typed(typ)))

@@ -228,3 +228,26 @@ async def test_requests_longer_than_shutdown_timeout_do_not_hold_the_exit(
         with pytest.raises(aiohttp.ClientError):
             await stuck
     assert "drain_timeout" in [line.get("event") for line in served.lines()]
+
+
+async def test_metrics_port_serves_metrics_apart_from_the_api(serve: Callable[..., Any]) -> None:
+    # SPEC §5: with METRICS_PORT the API port has no /metrics (its ingress shows no internals).
+    metrics_port = _free_port()
+    served: Served = await serve(METRICS_PORT=str(metrics_port))
+    scrape = f"http://127.0.0.1:{metrics_port}/metrics"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(served.base + "/metrics") as resp:
+            assert resp.status == 404
+            assert (await resp.json(content_type=None))["code"] == "not_found"
+        async with http.get(scrape) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert "portal_gateway_build_info" in text
+        assert "portal_gateway_ready 1.0" in text
+        async with http.get(f"http://127.0.0.1:{metrics_port}/readyz") as resp:
+            assert resp.status == 404
+    served.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(served.process.wait(), timeout=10) == 0
+    assert await _refused(metrics_port)
+    (serving,) = [line for line in served.lines() if line.get("event") == "serving"]
+    assert serving["metrics_port"] == metrics_port

@@ -1,8 +1,15 @@
-"""The audit trail's one statement: append a row (the table refuses UPDATE and DELETE)."""
+"""The audit trail: append a row (the table refuses UPDATE and DELETE); read a time range.
+
+The monthly partitions and their pruning are in ``audit_partitions.py``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
+
+import asyncpg
 
 from service.db.pool import Connection, Database
 
@@ -47,3 +54,33 @@ async def insert(target: Database | Connection, event: Any) -> None:
         await target.execute("insert_audit", INSERT_AUDIT, *audit_args(event))
     else:
         await target.execute(INSERT_AUDIT, *audit_args(event))
+
+
+# Oldest first; [since, until), until None meaning open-ended. The inet as text
+# (host(): the address without a /32 or /128 mask).
+EXPORT_AUDIT = """
+SELECT id, occurred_at, request_id, principal_type, principal_id, user_id, action, flow,
+       outcome, http_status, error_code, stripe_customer_id, stripe_session_id,
+       stripe_request_id, host(client_ip) AS client_ip, user_agent, duration_ms, detail
+FROM audit_events
+WHERE occurred_at >= $1 AND occurred_at < coalesce($2::timestamptz, 'infinity')
+ORDER BY occurred_at, id
+"""
+
+
+async def stream_range(
+    conn: Connection,
+    since: datetime,
+    until: datetime | None,
+    *,
+    prefetch: int,
+    fetch_timeout: float,
+) -> AsyncIterator[asyncpg.Record]:
+    """The rows of ``[since, until)`` through a server-side cursor, ``prefetch`` at a time.
+
+    Only one batch is in memory at once, however many rows the range holds. A
+    cursor lives in a transaction: the caller opens it.
+    """
+    rows = conn.cursor(EXPORT_AUDIT, since, until, prefetch=prefetch, timeout=fetch_timeout)
+    async for row in rows:
+        yield row

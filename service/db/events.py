@@ -1,10 +1,15 @@
-"""Stripe webhook events received: claimed once by id, then marked with their result."""
+"""Stripe webhook events received: claimed once by id, marked with their result, purged.
+
+An event's row is what makes a redelivery a no-op. Stripe retries a delivery
+for up to three days, so a row 30 days after its receipt guards nothing any
+more and is purged (SPEC §6).
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from service.db.pool import Connection
+from service.db.pool import Connection, Database
 
 # The event id is claimed first: a replay (or a concurrent duplicate delivery,
 # which waits here on the primary key) finds it taken and changes nothing.
@@ -34,3 +39,35 @@ async def claim_event(
 async def finish_event(conn: Connection, event_id: str, result: str) -> None:
     """Store what applying the event did."""
     await conn.execute(FINISH_EVENT, event_id, result)
+
+
+# By our receipt time, not Stripe's `created`: a redelivery is received again.
+EVENT_RETENTION = timedelta(days=30)
+# One statement deletes at most a batch (a short transaction, few locks); one
+# purge at most PURGE_MAX_BATCHES of them, the rest waits for the next round.
+PURGE_BATCH = 1000
+PURGE_MAX_BATCHES = 10
+
+PURGE_EVENTS = """
+DELETE FROM stripe_events WHERE id IN (
+    SELECT id FROM stripe_events WHERE received_at < now() - $1::interval
+    ORDER BY received_at LIMIT $2)
+"""
+
+
+async def purge_old_events(
+    db: Database,
+    *,
+    older_than: timedelta = EVENT_RETENTION,
+    batch: int = PURGE_BATCH,
+    max_batches: int = PURGE_MAX_BATCHES,
+) -> int:
+    """Delete events received more than ``older_than`` ago, in batches; how many."""
+    purged = 0
+    for _ in range(max_batches):
+        status = await db.execute("purge_stripe_events", PURGE_EVENTS, older_than, batch)
+        deleted = int(status.split()[-1])
+        purged += deleted
+        if deleted < batch:
+            break
+    return purged

@@ -54,6 +54,7 @@ class PlanRow:
     plan: str
     stripe_price_id: str
     active: bool
+    self_serve: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class ProfileRow:
     on_behalf_of: str | None
     default_return_url: str | None
     is_default: bool
+    self_serve: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class OfferRow:
     name: str
     kind: str
     stripe_id: str
+    self_serve: bool = False
 
 
 # --- the transaction -------------------------------------------------------
@@ -269,15 +272,18 @@ ON CONFLICT (stripe_subscription_id) DO UPDATE SET
 )
 
 
+# self_serve is always written: a file without the column marks its rows not
+# self-serve (SPEC §5: an end user sees only what an operator marked).
 UPSERT_PLANS = Upsert(
     """
-INSERT INTO plans (plan, stripe_price_id, active)
-SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[])
+INSERT INTO plans (plan, stripe_price_id, active, self_serve)
+SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::boolean[])
 ON CONFLICT (plan) DO UPDATE SET
     stripe_price_id = EXCLUDED.stripe_price_id,
-    active = EXCLUDED.active
+    active = EXCLUDED.active,
+    self_serve = EXCLUDED.self_serve
 """,
-    ("plan", "stripe_price_id", "active"),
+    ("plan", "stripe_price_id", "active", "self_serve"),
 )
 
 
@@ -288,15 +294,24 @@ UPDATE portal_profiles SET is_default = false WHERE is_default AND name <> $1
 UPSERT_PROFILES = Upsert(
     """
 INSERT INTO portal_profiles
-    (name, configuration_id, on_behalf_of, default_return_url, is_default)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[])
+    (name, configuration_id, on_behalf_of, default_return_url, is_default, self_serve)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::boolean[])
 ON CONFLICT (name) DO UPDATE SET
     configuration_id = EXCLUDED.configuration_id,
     on_behalf_of = EXCLUDED.on_behalf_of,
     default_return_url = EXCLUDED.default_return_url,
-    is_default = EXCLUDED.is_default
+    is_default = EXCLUDED.is_default,
+    self_serve = EXCLUDED.self_serve
 """,
-    ("name", "configuration_id", "on_behalf_of", "default_return_url", "is_default"),
+    (
+        "name",
+        "configuration_id",
+        "on_behalf_of",
+        "default_return_url",
+        "is_default",
+        "self_serve",
+    ),
 )
 
 
@@ -312,11 +327,12 @@ async def upsert_profiles(conn: Connection, rows: Sequence[ProfileRow]) -> int:
 
 UPSERT_OFFERS = Upsert(
     """
-INSERT INTO offers (name, kind, stripe_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+INSERT INTO offers (name, kind, stripe_id, self_serve)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[])
 ON CONFLICT (name) DO UPDATE SET
     kind = EXCLUDED.kind,
-    stripe_id = EXCLUDED.stripe_id
+    stripe_id = EXCLUDED.stripe_id,
+    self_serve = EXCLUDED.self_serve
 """,
-    ("name", "kind", "stripe_id"),
+    ("name", "kind", "stripe_id", "self_serve"),
 )

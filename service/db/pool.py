@@ -1,7 +1,9 @@
 """The asyncpg pool, wrapped so every query is named, timed and bounded.
 
 Any connection-level failure (server down, pool exhausted, timeout) surfaces as
-``DatabaseUnavailable`` so callers get a quick 503 instead of a hang or a 500.
+``DatabaseUnavailable`` so callers get a quick 503 instead of a hang or a 500. A
+value the database refuses is not an outage: its data error (``asyncpg.DataError``,
+which asyncpg also raises for a value it cannot encode) passes through.
 
 One timeout bounds each call as a whole: waiting for a pooled connection,
 opening a new one (asyncpg's connect timeout is 60 s unless told otherwise,

@@ -1,8 +1,10 @@
 """The request path's lookup: everything one portal request needs, in one round trip.
 
 ``RESOLVE`` fetches the customer, portal profile, plan, offer and subscriptions
-of one user; with a caller's ``Idempotency-Key`` it also claims the key in the
-same statement. Every lookup goes through a primary key or unique index.
+of one user, with the items' ``self_serve`` flags (SPEC §5: the use case hides
+what an end user may not name); with a caller's ``Idempotency-Key`` it also
+claims the key in the same statement. Every lookup goes through a primary key
+or unique index.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ _RESOLVE_SELECT = """
 SELECT
     c.user_id IS NOT NULL AS customer_found,
     c.stripe_customer_id, c.stripe_account_id, c.locale AS customer_locale,
-    c.stale_at IS NOT NULL AS customer_stale,
+    c.stale_at IS NOT NULL AS customer_stale, c.portal AS customer_portal,
     prof.name AS profile_name, prof.configuration_id, prof.on_behalf_of,
-    prof.default_return_url,
+    prof.default_return_url, prof.self_serve AS profile_self_serve,
+    prof.is_default AS profile_is_default,
     pl.stripe_price_id AS plan_price_id, pl.active AS plan_active,
-    o.kind AS offer_kind, o.stripe_id AS offer_stripe_id,
+    pl.self_serve AS plan_self_serve,
+    o.kind AS offer_kind, o.stripe_id AS offer_stripe_id, o.self_serve AS offer_self_serve,
     CASE WHEN $5 THEN (
         SELECT json_agg(json_build_object(
             'id', s.stripe_subscription_id, 'ref', s.external_ref, 'status', s.status,
@@ -32,10 +36,12 @@ SELECT
 FROM (SELECT 1) AS one
 LEFT JOIN customers c ON c.user_id = $1
 LEFT JOIN LATERAL (
-    SELECT p.name, p.configuration_id, p.on_behalf_of, p.default_return_url
+    SELECT p.name, p.configuration_id, p.on_behalf_of, p.default_return_url, p.self_serve,
+           p.is_default
     FROM portal_profiles p WHERE p.name = coalesce($2, c.portal)
     UNION ALL
-    SELECT p.name, p.configuration_id, p.on_behalf_of, p.default_return_url
+    SELECT p.name, p.configuration_id, p.on_behalf_of, p.default_return_url, p.self_serve,
+           p.is_default
     FROM portal_profiles p WHERE p.is_default AND $2::text IS NULL AND c.portal IS NULL
     LIMIT 1
 ) prof ON true

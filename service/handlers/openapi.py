@@ -9,11 +9,13 @@ Error responses refer to the ``Problem`` component by ``$ref`` (registered by
 :func:`register_components`): apispec rewrites response content in place, and
 the annotations are built once per process while each app builds its own
 document, so a schema class here would be registered in the first app only.
+Each one narrows ``code`` to the values that status can carry on that
+operation, from the operation's one table of codes (:func:`problem_responses`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp_apigami
@@ -46,15 +48,49 @@ def docs(**kwargs: Any) -> Callable[[F], F]:
     return wrapper
 
 
-def problem_response(description: str, *, retry_after: bool = False) -> dict[str, Any]:
-    """An error response: the problem document, with ``Retry-After`` where sent."""
+def problem_response(
+    codes: Sequence[str], note: str = "", *, retry_after: bool = False
+) -> dict[str, Any]:
+    """An error response whose ``code`` is one of ``codes``, with ``Retry-After`` where sent.
+
+    The schema is the ``Problem`` component narrowed to these codes (an
+    ``enum``), so a generated client gets a union type it can switch on
+    (openapi-typescript: ``Problem & {code: "unknown_user" | ...}``). The
+    description lists them too, for people.
+    """
+    listed = ", ".join(f"`{code}`" for code in codes)
     response: dict[str, Any] = {
-        "description": description,
-        "content": {PROBLEM_JSON: {"schema": {"$ref": f"#/components/schemas/{PROBLEM}"}}},
+        "description": f"{listed}{note}",
+        "content": {
+            PROBLEM_JSON: {
+                "schema": {
+                    "allOf": [
+                        {"$ref": f"#/components/schemas/{PROBLEM}"},
+                        {
+                            "type": "object",
+                            "required": ["code"],
+                            "properties": {"code": {"type": "string", "enum": list(codes)}},
+                        },
+                    ]
+                }
+            }
+        },
     }
     if retry_after:
         response["headers"] = RETRY_AFTER
     return response
+
+
+def problem_responses(
+    table: Mapping[int, Sequence[str]], notes: Mapping[int, str] | None = None
+) -> dict[int, dict[str, Any]]:
+    """An operation's error responses from its table of codes per status (429 and
+    503 carry ``Retry-After``)."""
+    notes = notes or {}
+    return {
+        status: problem_response(codes, notes.get(status, ""), retry_after=status in (429, 503))
+        for status, codes in table.items()
+    }
 
 
 def register_components(spec: APISpec) -> None:

@@ -11,7 +11,8 @@ from aiohttp import web
 from aiohttp_apigami import response_schema
 
 from service import keys
-from service.handlers.openapi import docs, problem_response
+from service.client_ip import client_ip
+from service.handlers.openapi import docs, problem_responses
 from service.middlewares import log_fields
 from service.request_body import read_request_body
 from service.schemas import WebhookReceiptSchema
@@ -19,6 +20,26 @@ from service.webhooks import WebhookDeps, receive
 
 # Stripe event payloads are a few KiB, an invoice with many lines a few hundred.
 BODY_LIMIT = 1024 * 1024
+
+
+# Every code each error status can carry here: the document's enums of `code`.
+ERROR_CODES: dict[int, tuple[str, ...]] = {
+    400: (
+        "invalid_signature",
+        "malformed_json",
+        "invalid_event",
+        "invalid_header",
+        "header_too_large",
+    ),
+    408: ("request_timeout",),
+    413: ("payload_too_large",),
+    500: ("internal_error",),
+    503: ("database_unavailable", "overloaded", "draining"),
+}
+NOTES = {
+    400: ": nothing was applied (`invalid_signature`: missing, malformed, wrong or expired)",
+    503: " (Stripe retries)",
+}
 
 
 @docs(
@@ -43,7 +64,10 @@ BODY_LIMIT = 1024 * 1024
             "in": "header",
             "name": "X-Request-ID",
             "required": False,
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+            # Any value is taken: a tracing header never fails a request (SPEC §2).
+            "description": "Echoed if 1-128 of `[A-Za-z0-9._:-]`, else replaced by a "
+            "generated id. Every response carries it.",
+            "schema": {"type": "string"},
         },
     ],
     requestBody={
@@ -52,18 +76,7 @@ BODY_LIMIT = 1024 * 1024
         "content": {"application/json": {"schema": {"type": "object"}}},
     },
     security=[],
-    responses={
-        400: problem_response(
-            "`invalid_signature` (missing, malformed, wrong or expired signature), "
-            "`malformed_json`, `invalid_event`, `invalid_header`; nothing was applied"
-        ),
-        413: problem_response("`payload_too_large`"),
-        500: problem_response("`internal_error`"),
-        503: problem_response(
-            "`database_unavailable`, `overloaded`, `draining` (Stripe retries)",
-            retry_after=True,
-        ),
-    },
+    responses=problem_responses(ERROR_CODES, NOTES),
 )
 @response_schema(WebhookReceiptSchema, 200, description="The event was verified and recorded.")
 async def receive_stripe_event(request: web.Request) -> web.Response:
@@ -75,7 +88,7 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
         payload,
         request.headers.get("Stripe-Signature"),
         request_id=request[keys.REQUEST_ID],
-        client_ip=request.remote,
+        client_ip=client_ip(request),
         user_agent=request.headers.get("User-Agent"),
     )
     log_fields(
