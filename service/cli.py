@@ -14,7 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import structlog
@@ -455,31 +455,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How each failure ends the process: the one line it prints, and the exit code.
+# The server refusing the database or role named in DATABASE_URL is a
+# configuration error; its message names them, never the password.
+_Failure: TypeAlias = tuple[
+    type[Exception] | tuple[type[Exception], ...], Callable[[Any], str], int
+]
+_FAILURES: tuple[_Failure, ...] = (
+    (ConfigError, str, 2),
+    (StartupError, lambda exc: f"startup error: {exc}", 2),
+    (DatabaseUnavailable, lambda exc: f"error: DATABASE_URL: {exc.detail}", 1),
+    (
+        (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError),
+        lambda exc: f"configuration error: DATABASE_URL: {exc}",
+        2,
+    ),
+    (CliError, lambda exc: f"error: {exc}", 1),
+    (UsageError, lambda exc: f"usage error: {exc}", 2),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``portal-gateway`` and ``python -m service``."""
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
         return result
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except StartupError as exc:
-        print(f"startup error: {exc}", file=sys.stderr)
-        return 2
-    except DatabaseUnavailable as exc:
-        print(f"error: DATABASE_URL: {exc.detail}", file=sys.stderr)
-        return 1
-    except (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
-        # The server refused the database or the role named in DATABASE_URL: a
-        # configuration error. Its message names them, never the password.
-        print(f"configuration error: DATABASE_URL: {exc}", file=sys.stderr)
-        return 2
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except UsageError as exc:
-        print(f"usage error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        for kinds, line, code in _FAILURES:
+            if isinstance(exc, kinds):
+                print(line(exc), file=sys.stderr)
+                return code
+        raise

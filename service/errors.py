@@ -13,6 +13,37 @@ from typing import Any, ClassVar
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
+# Every `code` a caller can see, by HTTP status (SPEC §2): the OpenAPI enums and
+# the metrics' pre-created labels are made from this one table.
+CODES_BY_STATUS: dict[int, tuple[str, ...]] = {
+    400: ("malformed_json", "invalid_header", "header_too_large"),
+    401: ("unauthenticated",),
+    403: ("forbidden_user", "insufficient_scope", "return_url_not_allowed"),
+    404: (
+        "unknown_user",
+        "unknown_subscription",
+        "no_open_subscription",
+        "unknown_plan",
+        "unknown_offer",
+        "unknown_portal",
+    ),
+    408: ("request_timeout",),
+    409: (
+        "subscription_ambiguous",
+        "subscription_not_open",
+        "subscription_not_updatable",
+        "idempotency_conflict",
+    ),
+    413: ("payload_too_large",),
+    415: ("unsupported_media_type",),
+    422: ("validation_failed",),
+    429: ("rate_limited",),
+    500: ("internal_error",),
+    502: ("upstream_rejected", "upstream_auth_failed", "upstream_bad_response"),
+    503: ("upstream_unavailable", "database_unavailable", "overloaded", "draining"),
+    504: ("upstream_timeout",),
+}
+
 
 class ServiceError(Exception):
     """Base of every error a caller can see."""

@@ -30,6 +30,7 @@ from prometheus_client import (
     process_collector as _process,
 )
 
+from service.errors import CODES_BY_STATUS
 from service.version import VERSION
 
 # Request latency is dominated by Stripe (100 ms - 2 s); keep resolution there.
@@ -43,39 +44,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 
 # Every `code` of SPEC §2 (plus internal_error): pre-created at 0 so rates and
 # increases see the first one.
-SESSION_ERROR_CODES = (
-    "malformed_json",
-    "invalid_header",
-    "header_too_large",
-    "request_timeout",
-    "unauthenticated",
-    "forbidden_user",
-    "insufficient_scope",
-    "return_url_not_allowed",
-    "unknown_user",
-    "unknown_subscription",
-    "no_open_subscription",
-    "unknown_plan",
-    "unknown_offer",
-    "unknown_portal",
-    "subscription_ambiguous",
-    "subscription_not_open",
-    "subscription_not_updatable",
-    "idempotency_conflict",
-    "payload_too_large",
-    "unsupported_media_type",
-    "validation_failed",
-    "rate_limited",
-    "upstream_rejected",
-    "upstream_auth_failed",
-    "upstream_bad_response",
-    "upstream_unavailable",
-    "database_unavailable",
-    "overloaded",
-    "draining",
-    "upstream_timeout",
-    "internal_error",
-)
+SESSION_ERROR_CODES = tuple(code for codes in CODES_BY_STATUS.values() for code in codes)
 AUDIT_OUTCOMES = ("created", "refused", "failed", "abandoned", "unauthenticated", "write_failed")
 
 

@@ -35,6 +35,16 @@ RETRY_AFTER = {
     }
 }
 
+# Any value is taken: a tracing header never fails a request (SPEC §2).
+REQUEST_ID_PARAMETER: dict[str, Any] = {
+    "in": "header",
+    "name": "X-Request-ID",
+    "required": False,
+    "description": "Echoed if 1-128 of `[A-Za-z0-9._:-]`, else replaced by a "
+    "generated id. Every response carries it.",
+    "schema": {"type": "string"},
+}
+
 
 def docs(**kwargs: Any) -> Callable[[F], F]:
     """aiohttp-apigami's ``docs`` without the Swagger-2-only ``produces`` key."""

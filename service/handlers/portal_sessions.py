@@ -9,42 +9,15 @@ from aiohttp_apigami import response_schema
 from service import keys
 from service.audit import ACTION_CREATE_SESSION
 from service.auth import SCOPE_CREATE_SESSIONS
-from service.handlers.openapi import docs, problem_responses
+from service.errors import CODES_BY_STATUS
+from service.handlers.openapi import REQUEST_ID_PARAMETER, docs, problem_responses
 from service.middlewares import log_fields
 from service.portal import open_portal_session
 from service.protected import Call, protected
 from service.schemas import PortalSessionRequestSchema, PortalSessionSchema
 
-# Every code each error status can carry here (SPEC §2): the document's per-status
-# enums of `code` and their descriptions are made from this one table.
-ERROR_CODES: dict[int, tuple[str, ...]] = {
-    400: ("malformed_json", "invalid_header", "header_too_large"),
-    401: ("unauthenticated",),
-    403: ("forbidden_user", "insufficient_scope", "return_url_not_allowed"),
-    404: (
-        "unknown_user",
-        "unknown_subscription",
-        "no_open_subscription",
-        "unknown_plan",
-        "unknown_offer",
-        "unknown_portal",
-    ),
-    408: ("request_timeout",),
-    409: (
-        "subscription_ambiguous",
-        "subscription_not_open",
-        "subscription_not_updatable",
-        "idempotency_conflict",
-    ),
-    413: ("payload_too_large",),
-    415: ("unsupported_media_type",),
-    422: ("validation_failed",),
-    429: ("rate_limited",),
-    500: ("internal_error",),
-    502: ("upstream_rejected", "upstream_auth_failed", "upstream_bad_response"),
-    503: ("upstream_unavailable", "database_unavailable", "overloaded", "draining"),
-    504: ("upstream_timeout",),
-}
+# Every code each error status can carry here: all of SPEC §2's, from errors.py.
+ERROR_CODES = CODES_BY_STATUS
 NOTES = {429: " (with `Retry-After`)", 503: " (with `Retry-After`)"}
 
 
@@ -71,15 +44,7 @@ NOTES = {429: " (with `Retry-After`)", 503: " (with `Retry-After`)"}
                 "pattern": r"^[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?$",
             },
         },
-        {
-            "in": "header",
-            "name": "X-Request-ID",
-            "required": False,
-            # Any value is taken: a tracing header never fails a request (SPEC §2).
-            "description": "Echoed if 1-128 of `[A-Za-z0-9._:-]`, else replaced by a "
-            "generated id. Every response carries it.",
-            "schema": {"type": "string"},
-        },
+        REQUEST_ID_PARAMETER,
     ],
     security=[{"bearerAuth": []}],
     responses=problem_responses(ERROR_CODES, NOTES),

@@ -12,7 +12,7 @@ from aiohttp_apigami import response_schema
 
 from service import keys
 from service.client_ip import client_ip
-from service.handlers.openapi import docs, problem_responses
+from service.handlers.openapi import REQUEST_ID_PARAMETER, docs, problem_responses
 from service.middlewares import log_fields
 from service.request_body import read_request_body
 from service.schemas import WebhookReceiptSchema
@@ -60,15 +60,7 @@ NOTES = {
             "schema": {"type": "string"},
             "description": "`t=<unix time>,v1=<hex signature>[,v1=...]`",
         },
-        {
-            "in": "header",
-            "name": "X-Request-ID",
-            "required": False,
-            # Any value is taken: a tracing header never fails a request (SPEC §2).
-            "description": "Echoed if 1-128 of `[A-Za-z0-9._:-]`, else replaced by a "
-            "generated id. Every response carries it.",
-            "schema": {"type": "string"},
-        },
+        REQUEST_ID_PARAMETER,
     ],
     requestBody={
         "required": True,
