@@ -23,6 +23,8 @@ from service.jwt_keys import JwtKeys
 
 CLIENT_TOKEN_PREFIX = "pgw_"  # noqa: S105 - a public prefix, not a secret
 SCOPE_CREATE_SESSIONS = "portal_sessions:create"
+SCOPE_MAPPINGS_WRITE = "mappings:write"
+SCOPE_MAPPINGS_READ = "mappings:read"
 JWT_LEEWAY_SECONDS = 30
 MAX_TOKEN_LENGTH = 8192
 

@@ -246,6 +246,13 @@ def _role_name(raw: str) -> str:
     return raw
 
 
+def _metadata_key(raw: str) -> str:
+    # Stripe's metadata keys are at most 40 characters and may not contain brackets.
+    if len(raw) > 40 or not raw.isascii() or not raw.isprintable() or any(c in raw for c in "[]"):
+        raise ValueError("must be a Stripe metadata key: up to 40 printable ASCII, no brackets")
+    return raw
+
+
 def _token_type(raw: str) -> str:
     if not raw.isascii() or not raw.isprintable() or len(raw) > 64:
         raise ValueError("must be a short printable ASCII value such as at+jwt")
@@ -355,6 +362,18 @@ class Settings:
         (),
         "webhook signing secrets, comma-separated (more than one during rotation)",
         secret=True,
+    )
+    stripe_user_metadata_key: str | None = setting(
+        "STRIPE_USER_METADATA_KEY",
+        _metadata_key,
+        None,
+        "Stripe customer metadata key holding our user id (e.g. `user_id`); unset: no linking",
+    )
+    stripe_sync_requests_per_second: float = setting(
+        "STRIPE_SYNC_REQUESTS_PER_SECOND",
+        _float_in(0.1, 1000),
+        10.0,
+        "cap on Stripe calls per second of `sync --from-stripe`",
     )
     return_url_allowlist: tuple[str, ...] = setting(
         "RETURN_URL_ALLOWLIST",
