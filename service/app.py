@@ -15,13 +15,15 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from service import keys
 from service.auth import Authenticator
+from service.backfiller import Backfiller
 from service.config import Settings
 from service.db import deployment, events, resolve
 from service.db.pool import Database
 from service.errors import DatabaseUnavailable
-from service.handlers import health, openapi, portal_sessions, webhooks
+from service.handlers import health, openapi, portal_sessions, users, webhooks
 from service.jwt_keys import JwtKeys
 from service.lifecycle import Budget, Lifecycle
+from service.mapping_api import MappingApiDeps
 from service.metrics import Metrics
 from service.middlewares import (
     access_middleware,
@@ -65,6 +67,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.RATE_LIMITER] = RateLimiter()
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_backfills)
     app.cleanup_ctx.append(_housekeeping)
     app.on_shutdown.append(_start_draining)
 
@@ -78,6 +81,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     lifecycle.declare(None, *probes)
     sessions = app.router.add_post("/v1/portal-sessions", portal_sessions.create_portal_session)
     _setup_cors(app, settings.cors_allowed_origins, [sessions])
+    # The mapping API (SPEC §11): service-to-service, so no CORS; the `api` budget.
+    app.router.add_get("/v1/users/{user_id}", users.get_user, allow_head=False)
+    app.router.add_put("/v1/users/{user_id}/customer", users.put_user_customer)
+    app.router.add_delete("/v1/users/{user_id}/customer", users.delete_user_customer)
     # Stripe calls this one: signature-verified, no bearer auth, no CORS. Anyone can
     # reach it, so it has a budget of its own: it can't take our callers' slots.
     stripe_events = app.router.add_post("/v1/stripe/webhooks", webhooks.receive_stripe_event)
@@ -165,9 +172,26 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         app[keys.STRIPE] = stripe
         app[keys.AUTHENTICATOR] = Authenticator(settings, app[keys.DB], jwt_keys)
         app[keys.PORTAL] = PortalDeps(settings, app[keys.DB], stripe, app[keys.METRICS])
+        app[keys.MAPPING_API] = MappingApiDeps(settings, app[keys.DB], stripe, app[keys.METRICS])
         yield
     finally:
         await session.close()
+
+
+# Backfills still running at shutdown get this long (within SHUTDOWN_TIMEOUT), then
+# are cancelled: each is a rewrite in one transaction, so a cancelled one changes
+# nothing, and the next event for the user, sync or resync does it again.
+BACKFILL_GRACE_SECONDS = 5.0
+
+
+async def _backfills(app: web.Application) -> AsyncIterator[None]:
+    """The background backfiller; drained before the Stripe session and the pool close."""
+    backfiller = Backfiller(app[keys.DB], app[keys.STRIPE], app[keys.METRICS])
+    app[keys.BACKFILLER] = backfiller
+    try:
+        yield
+    finally:
+        await backfiller.close(min(BACKFILL_GRACE_SECONDS, app[keys.SETTINGS].shutdown_timeout))
 
 
 IDEMPOTENCY_PURGE_INTERVAL = 600.0

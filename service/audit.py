@@ -34,6 +34,18 @@ ACTION_MAPPING_CREATE = "mapping.create"
 ACTION_MAPPING_UPDATE = "mapping.update"
 ACTION_MAPPING_DELETE = "mapping.delete"
 ACTION_MAPPING_RESYNC = "mapping.resync"
+ACTION_MAPPING_BACKFILL = "mapping.backfill"
+# Stripe metadata (SPEC §11): a user linked to, re-pointed at or unlinked from a
+# customer; a metadata fact that an explicit mapping (or another account) overrules.
+ACTION_MAPPING_LINK = "mapping.link"
+ACTION_MAPPING_UNLINK = "mapping.unlink"
+ACTION_MAPPING_CONFLICT = "mapping_conflict"
+# `sync --from-stripe`: one row per run with its counts (its changes have their own rows).
+ACTION_MAPPING_SYNC = "mapping.sync"
+# The mapping API (SPEC §11): PUT/GET/DELETE /v1/users/{user_id}[/customer].
+ACTION_MAPPING_API_PUT = "mapping.api.put"
+ACTION_MAPPING_API_GET = "mapping.api.get"
+ACTION_MAPPING_API_DELETE = "mapping.api.delete"
 
 MAX_USER_AGENT = MAX_HEADER_TEXT
 

@@ -25,6 +25,8 @@ CLIENT_TOKEN_PREFIX = "pgw_"  # noqa: S105 - a public prefix, not a secret
 SCOPE_CREATE_SESSIONS = "portal_sessions:create"
 SCOPE_MAPPINGS_WRITE = "mappings:write"
 SCOPE_MAPPINGS_READ = "mappings:read"
+# Every scope a route checks: `clients create --scope` takes only these.
+KNOWN_SCOPES = (SCOPE_CREATE_SESSIONS, SCOPE_MAPPINGS_WRITE, SCOPE_MAPPINGS_READ)
 JWT_LEEWAY_SECONDS = 30
 MAX_TOKEN_LENGTH = 8192
 

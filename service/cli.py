@@ -1,4 +1,4 @@
-"""``portal-gateway``: serve, migrate, clients, import, resync, audit, demo.
+"""``portal-gateway``: serve, migrate, clients, import, resync, sync, audit, demo.
 
 Exit codes: 0 success, 1 an operation failed (bad CSV, unknown client, database
 down), 2 bad configuration or usage. Errors are one line on stderr.
@@ -22,7 +22,7 @@ from aiohttp import web
 
 from service import http_server, keys, logs
 from service.app import StartupError, create_app
-from service.auth import SCOPE_CREATE_SESSIONS, generate_client_token, hash_token
+from service.auth import KNOWN_SCOPES, SCOPE_CREATE_SESSIONS, generate_client_token, hash_token
 from service.config import ConfigError, Settings
 from service.db import clients, deployment
 from service.db.pool import UNAVAILABLE_ERRORS, Database
@@ -206,11 +206,19 @@ async def _ensure_database(url: str) -> None:
         raise DatabaseUnavailable(f"cannot connect to the database: {type(exc).__name__}") from exc
 
 
+def _client_scopes(given: list[str] | None) -> list[str]:
+    """``--scope`` values, checked: a misspelt one would make a client every route refuses."""
+    for scope in given or ():
+        if scope not in KNOWN_SCOPES:
+            raise UsageError(f"--scope: unknown scope {scope!r} (known: {', '.join(KNOWN_SCOPES)})")
+    return given or [SCOPE_CREATE_SESSIONS]
+
+
 def cmd_clients(args: argparse.Namespace) -> int:
+    scopes = _client_scopes(args.scope) if args.clients_command == "create" else []
     settings = _settings()
     if args.clients_command == "create":
         token = generate_client_token()
-        scopes = args.scope or [SCOPE_CREATE_SESSIONS]
         created = _run(
             lambda: _with_db(
                 settings,
@@ -270,6 +278,30 @@ def cmd_resync(args: argparse.Namespace) -> int:
         if summary.failed:
             raise CliError(f"resync failed for {summary.failed} users ({counts})")
         print(f"resync: {counts}", file=sys.stderr)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from service import stripe_sync, sync_progress
+
+    settings = _settings(serving=True)  # it calls Stripe: STRIPE_API_KEY is required
+    # Log lines (the audit line of every change, SPEC §6) on stdout; progress on stderr.
+    logs.configure(settings.log_level, settings.log_format)
+    options = stripe_sync.Options(dry_run=args.dry_run, restart=args.restart)
+    progress = sync_progress.progress_for(sys.stderr)
+    try:
+        tally = _run(lambda: stripe_sync.run(settings, options, progress))
+    except stripe_sync.SyncStopped as exc:
+        print(sync_progress.summary(exc.tally), file=sys.stderr)
+        raise CliError(f"sync stopped: {exc}") from None
+    for failure in tally.backfill_failures:
+        print(f"backfill failed: {failure}", file=sys.stderr)
+    print(sync_progress.summary(tally), file=sys.stderr)
+    if tally.backfill_failures:
+        raise CliError(
+            f"{len(tally.backfill_failures)} backfills failed; the mappings are linked:"
+            " `portal-gateway resync --user ID` retries one"
+        )
     return 0
 
 
@@ -409,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = csub.add_parser("create", help="create a client; prints its token once")
     create.add_argument("name")
     create.add_argument(
-        "--scope", action="append", help="repeatable; default portal_sessions:create"
+        "--scope",
+        action="append",
+        help=f"repeatable, one of {', '.join(KNOWN_SCOPES)}; default {SCOPE_CREATE_SESSIONS}",
     )
     create.add_argument(
         "--rate-limit",
@@ -434,6 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--user", metavar="ID", help="one user")
     who.add_argument("--all", action="store_true", help="every user with a customer mapping")
     resync.set_defaults(func=cmd_resync)
+
+    sync = sub.add_parser(
+        "sync",
+        help="link every Stripe customer whose metadata names a user, then backfill (resumable)",
+    )
+    sync.add_argument(
+        "--from-stripe",
+        action="store_true",
+        required=True,
+        help="page through GET /v1/customers (needs STRIPE_USER_METADATA_KEY)",
+    )
+    sync.add_argument("--dry-run", action="store_true", help="write nothing; say what it would do")
+    sync.add_argument(
+        "--restart", action="store_true", help="start over instead of resuming at the stored cursor"
+    )
+    sync.set_defaults(func=cmd_sync)
 
     audit = sub.add_parser("audit", help="export audit rows; drop old audit partitions")
     asub = audit.add_subparsers(dest="audit_command", required=True)

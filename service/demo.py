@@ -3,7 +3,11 @@
 Creates and migrates the database, seeds a demo user, starts the Stripe
 stand-in on 127.0.0.1:12111 (unless STRIPE_API_KEY is set, then the real
 STRIPE_API_BASE is used) and the service, and prints a curl that opens a
-portal session. Ctrl-C stops everything it started.
+portal session. Metadata linking is on (STRIPE_USER_METADATA_KEY=user_id
+unless set), and the stand-in knows a second customer with a subscription:
+the printed instructions link it to ``demo-user-2`` through the mapping API
+(which backfills its subscription) and open its portal. Ctrl-C stops
+everything it started.
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ import asyncio
 import json
 import shlex
 import signal
+from collections.abc import Mapping
 
 from aiohttp import web
 
 from service import http_server, logs, migrations
 from service.app import create_app
-from service.auth import generate_client_token, hash_token
+from service.auth import (
+    SCOPE_CREATE_SESSIONS,
+    SCOPE_MAPPINGS_READ,
+    SCOPE_MAPPINGS_WRITE,
+    generate_client_token,
+    hash_token,
+)
 from service.config import Secret, Settings
 from service.db import clients, deployment
 from service.db import demo as demo_db
@@ -28,6 +39,27 @@ DEMO_ORIGIN = "https://app.example.com"
 DEMO_RETURN_URL = f"{DEMO_ORIGIN}/account"
 DEMO_CLIENT = "demo"
 DEMO_KEY = "sk_test_demo_standin"
+DEMO_METADATA_KEY = "user_id"
+DEMO_SCOPES = [SCOPE_CREATE_SESSIONS, SCOPE_MAPPINGS_WRITE, SCOPE_MAPPINGS_READ]
+# The second demo user: no mapping until the printed PUT links it.
+DEMO_USER_2 = "demo-user-2"
+DEMO_CUSTOMER_2 = "cus_demo0002"
+# What the stand-in knows about the second customer: Stripe-side data only.
+STANDIN_CUSTOMERS = [
+    {
+        "id": DEMO_CUSTOMER_2,
+        "email": "demo-user-2@example.com",
+        "name": "Demo User 2",
+        "metadata": {DEMO_METADATA_KEY: DEMO_USER_2},
+    }
+]
+STANDIN_SUBSCRIPTIONS = [
+    {
+        "id": "sub_demo0002",
+        "customer": DEMO_CUSTOMER_2,
+        "items": [{"id": "si_demo0002", "price": "price_basic_monthly", "quantity": 2}],
+    }
+]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if not settings.return_url_allowlist:
         changes["return_url_allowlist"] = (DEMO_ORIGIN,)
+    if settings.stripe_user_metadata_key is None:
+        changes["stripe_user_metadata_key"] = DEMO_METADATA_KEY
     if args.port is not None:
         changes["port"] = args.port
     settings = settings.replace(**changes)
@@ -61,9 +95,7 @@ async def _prepare(settings: Settings) -> str:
         await clients.revoke_client(db, DEMO_CLIENT)
         await clients.forget_revoked_client(db, DEMO_CLIENT)
         token = generate_client_token()
-        await clients.create_client(
-            db, DEMO_CLIENT, hash_token(token), ["portal_sessions:create"], 600
-        )
+        await clients.create_client(db, DEMO_CLIENT, hash_token(token), DEMO_SCOPES, 600)
         return token
     finally:
         await db.close()
@@ -74,9 +106,13 @@ async def _serve(settings: Settings, use_standin: bool, standin_port: int) -> No
     runners: list[web.AppRunner] = []
     try:
         if use_standin:
+            from stripe_standin import STATE
             from stripe_standin import create_app as create_standin
 
-            standin = web.AppRunner(create_standin())
+            standin_app = create_standin()
+            standin_app[STATE].seed_customers(STANDIN_CUSTOMERS)
+            standin_app[STATE].seed_subscriptions(STANDIN_SUBSCRIPTIONS)
+            standin = web.AppRunner(standin_app)
             await standin.setup()
             runners.append(standin)
             await web.TCPSite(standin, "127.0.0.1", standin_port).start()
@@ -86,7 +122,7 @@ async def _serve(settings: Settings, use_standin: bool, standin_port: int) -> No
         await service.setup()
         runners.append(service)
         await web.TCPSite(service, settings.host, settings.port).start()
-        print(_curl(settings, token), flush=True)
+        print(_curl(settings, token, use_standin), flush=True)
         await _until_signalled()
     finally:
         for runner in reversed(runners):
@@ -101,19 +137,43 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-def _curl(settings: Settings, token: str) -> str:
+def _curl(settings: Settings, token: str, use_standin: bool = True) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
-    body = json.dumps(
-        {
-            "user_id": "demo-user",
-            "flow": {"type": "subscription_update_confirm", "plan": "pro-yearly"},
-        }
+    base = f"http://{host}:{settings.port}"
+    session = {
+        "user_id": "demo-user",
+        "flow": {"type": "subscription_update_confirm", "plan": "pro-yearly"},
+    }
+    text = "\nportal-gateway is up. Open a portal session with:\n\n" + _command(
+        "POST", f"{base}/v1/portal-sessions", token, session
     )
-    return (
-        "\nportal-gateway is up. Open a portal session with:\n\n"
-        f"curl -sS -X POST http://{host}:{settings.port}/v1/portal-sessions \\\n"
-        f"  -H {shlex.quote('Authorization: Bearer ' + token)} \\\n"
-        "  -H 'Content-Type: application/json' \\\n"
-        f"  -d {shlex.quote(body)}\n\n"
-        "Ctrl-C stops the service and the Stripe stand-in.\n"
-    )
+    if use_standin:
+        text += (
+            f"Link {DEMO_USER_2} to the stand-in's customer {DEMO_CUSTOMER_2} through the"
+            " mapping API\n(its subscription is backfilled from Stripe), then open its portal:\n\n"
+            + _command(
+                "PUT",
+                f"{base}/v1/users/{DEMO_USER_2}/customer",
+                token,
+                {"stripe_customer_id": DEMO_CUSTOMER_2},
+            )
+            + _command("GET", f"{base}/v1/users/{DEMO_USER_2}", token, None)
+            + _command(
+                "POST",
+                f"{base}/v1/portal-sessions",
+                token,
+                {"user_id": DEMO_USER_2, "flow": {"type": "subscription_cancel"}},
+            )
+        )
+    return text + "Ctrl-C stops the service and the Stripe stand-in.\n"
+
+
+def _command(method: str, url: str, token: str, body: Mapping[str, object] | None) -> str:
+    """One ready-to-paste curl, followed by an empty line."""
+    lines = [
+        f"curl -sS -X {method} {url}",
+        f"  -H {shlex.quote('Authorization: Bearer ' + token)}",
+    ]
+    if body is not None:
+        lines += ["  -H 'Content-Type: application/json'", f"  -d {shlex.quote(json.dumps(body))}"]
+    return " \\\n".join(lines) + "\n\n"

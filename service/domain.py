@@ -9,6 +9,7 @@ layer for a constant.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 FLOW_TYPES = (
@@ -105,6 +106,10 @@ class SubscriptionState:
     item_id: str | None
     price_id: str | None
     quantity: int | None
+    # A scheduled cancellation (SPEC §11). In flexible billing mode "cancel at
+    # period end" sets only cancel_at; either one means "scheduled to cancel".
+    cancel_at: datetime | None = None
+    cancel_at_period_end: bool = False
 
 
 def subscription_state(obj: dict[str, Any]) -> SubscriptionState | None:
@@ -140,7 +145,19 @@ def subscription_state(obj: dict[str, Any]) -> SubscriptionState | None:
         item_id=item_id,
         price_id=price_id,
         quantity=quantity,
+        cancel_at=unix_time(obj.get("cancel_at")),
+        cancel_at_period_end=obj.get("cancel_at_period_end") is True,
     )
+
+
+def unix_time(value: Any) -> datetime | None:
+    """Stripe's unix seconds as an aware datetime; None for null or anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None  # beyond what a datetime holds: not a time Stripe sends
+    return None
 
 
 def stripe_id(value: Any, prefix: str) -> str | None:
@@ -150,3 +167,19 @@ def stripe_id(value: Any, prefix: str) -> str | None:
     if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
         return value
     return None
+
+
+# Our user ids, as the API and the import accept them: 1-128 characters, no
+# NUL and no lone surrogate (Postgres text can hold neither).
+MAX_USER_ID_LENGTH = 128
+
+
+def user_id(value: Any) -> str | None:
+    """``value`` if it can be one of our user ids, else None."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_USER_ID_LENGTH or "\x00" in value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value

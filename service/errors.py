@@ -8,13 +8,15 @@ handed out by Stripe.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from http import HTTPStatus
 from typing import Any, ClassVar
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
-# Every `code` a caller can see, by HTTP status (SPEC §2): the OpenAPI enums and
-# the metrics' pre-created labels are made from this one table.
+# Every `code` a caller can see, by HTTP status (SPEC §2, and the mapping API's of
+# §11): the OpenAPI enums and the metrics' pre-created labels are made from this
+# one table (each operation documents its part of it, see codes_by_status).
 CODES_BY_STATUS: dict[int, tuple[str, ...]] = {
     400: ("malformed_json", "invalid_header", "header_too_large"),
     401: ("unauthenticated",),
@@ -33,16 +35,34 @@ CODES_BY_STATUS: dict[int, tuple[str, ...]] = {
         "subscription_not_open",
         "subscription_not_updatable",
         "idempotency_conflict",
+        "customer_already_mapped",
     ),
     413: ("payload_too_large",),
     415: ("unsupported_media_type",),
-    422: ("validation_failed",),
+    422: ("validation_failed", "stripe_customer_not_found"),
     429: ("rate_limited",),
     500: ("internal_error",),
     502: ("upstream_rejected", "upstream_auth_failed", "upstream_bad_response"),
     503: ("upstream_unavailable", "database_unavailable", "overloaded", "draining"),
     504: ("upstream_timeout",),
 }
+
+
+# The codes only the mapping API (SPEC §11) answers: no other operation documents them.
+MAPPING_API_CODES = frozenset({"customer_already_mapped", "stripe_customer_not_found"})
+
+
+def codes_by_status(
+    only: Collection[str] | None = None, *, excluding: Collection[str] = ()
+) -> dict[int, tuple[str, ...]]:
+    """An operation's part of CODES_BY_STATUS: the codes in ``only`` (default all)
+    and not in ``excluding``; a status left with none is left out."""
+    table: dict[int, tuple[str, ...]] = {}
+    for status, codes in CODES_BY_STATUS.items():
+        kept = tuple(c for c in codes if (only is None or c in only) and c not in excluding)
+        if kept:
+            table[status] = kept
+    return table
 
 
 class ServiceError(Exception):
@@ -136,6 +156,14 @@ class ValidationFailed(ServiceError):
             detail=detail or "The request body is not valid.", extra={"errors": errors}
         )
         self.errors = errors
+
+
+class StripeCustomerNotFound(ServiceError):
+    """422: the body is well-formed, but Stripe has no such customer for us: unknown
+    (on that connected account), deleted, or of the other test/live mode (SPEC §11)."""
+
+    status = 422
+    default_code = "stripe_customer_not_found"
 
 
 class RateLimited(ServiceError):

@@ -182,7 +182,8 @@ def _customer(v: list[str], settings: Settings) -> CustomerRow:
         if v[4]
         else None
     )
-    return CustomerRow(user_id, customer, account, portal, locale)
+    connected = _stripe_id(v[5], "connected_account", "acct_") if v[5] else None
+    return CustomerRow(user_id, customer, account, portal, locale, connected)
 
 
 def _subscription(v: list[str], settings: Settings) -> SubscriptionRow:
@@ -388,6 +389,7 @@ KINDS: dict[str, _Kind[Any]] = {
         ),
         check=_check_customers,
         write=imports.upserting(imports.UPSERT_CUSTOMERS),
+        optional=("connected_account",),
     ),
     "subscriptions": _Kind(
         columns=(

@@ -8,9 +8,11 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from service.auth import Authenticator, Principal
+    from service.backfiller import Backfiller
     from service.config import Settings
     from service.db.pool import Database
     from service.lifecycle import Lifecycle
+    from service.mapping_api import MappingApiDeps
     from service.metrics import Metrics
     from service.portal import PortalDeps
     from service.ratelimit import RateLimiter
@@ -26,6 +28,9 @@ RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 PORTAL: web.AppKey[PortalDeps] = web.AppKey("portal")
+MAPPING_API: web.AppKey[MappingApiDeps] = web.AppKey("mapping_api")
+# Background backfills scheduled by webhooks (SPEC §11 backfill on link).
+BACKFILLER: web.AppKey[Backfiller] = web.AppKey("backfiller")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")

@@ -46,6 +46,10 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 # increases see the first one.
 SESSION_ERROR_CODES = tuple(code for codes in CODES_BY_STATUS.values() for code in codes)
 AUDIT_OUTCOMES = ("created", "refused", "failed", "abandoned", "unauthenticated", "write_failed")
+# Where a customer mapping comes from (SPEC §11; the `customers.source` column),
+# and what a source's fact did to it.
+MAPPING_SOURCES = ("import", "api", "stripe_metadata")
+MAPPING_CHANGES = ("linked", "relinked", "unlinked", "unchanged")
 
 
 def method_label(method: str) -> str:
@@ -150,6 +154,18 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.mapping_conflicts = Counter(
+            p + "mapping_conflicts_total",
+            "Facts that would re-point or remove a mapping its precedence protects, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.mapping_changes = Counter(
+            p + "mapping_changes_total",
+            "Customer mappings linked, re-linked, unlinked or confirmed, by source.",
+            ["source", "change"],
+            registry=r,
+        )
         self.build_info = Gauge(
             p + "build_info", "Build information; always 1.", ["version"], registry=r
         )
@@ -166,6 +182,10 @@ class Metrics:
             self.audit_events.labels(outcome=outcome)
         for kind in ("customer", "subscription"):
             self.stale_mappings.labels(kind=kind)
+        for source in MAPPING_SOURCES:
+            self.mapping_conflicts.labels(source=source)
+            for change in MAPPING_CHANGES:
+                self.mapping_changes.labels(source=source, change=change)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count and time one answered HTTP request.

@@ -115,8 +115,12 @@ async def open_portal_session(
     # With a caller key, the stored upstream key (ours or an earlier request's).
     upstream_key = row["idem_upstream_key"] if claim is not None else str(uuid.uuid4())
     try:
+        # Connect: a customer on a connected account is only found on that account.
         session = await deps.stripe.create_portal_session(
-            params, idempotency_key=upstream_key, deadline=deadline
+            params,
+            idempotency_key=upstream_key,
+            deadline=deadline,
+            stripe_account=row["connected_account"],
         )
     except ServiceError as exc:
         audit.stripe_request_id = exc.stripe_request_id

@@ -1,7 +1,7 @@
 """The protected request path, in one place, read top to bottom.
 
-authenticate → open the audit event → scope → rate limit → JSON body →
-validation → handler → write the audit event.
+authenticate → open the audit event → scope → rate limit → path parameters →
+JSON body → validation → handler → write the audit event.
 
 A route declares what it needs where its handler is defined::
 
@@ -9,8 +9,11 @@ A route declares what it needs where its handler is defined::
                body=PortalSessionRequestSchema, idempotent=True)
     async def create_portal_session(call: Call) -> web.Response: ...
 
-and the handler receives a :class:`Call`: the principal, the validated body,
-the audit event to fill in, and the request's deadline. Everything that applies
+and the handler receives a :class:`Call`: the principal, the validated body and
+path parameters, the audit event to fill in, and the request's deadline. A
+route without a body (a GET, a DELETE) declares ``body=None``: nothing is read;
+one with parameters in its path declares a ``path`` schema, validated like a
+body (422 on the parameter's name). Everything that applies
 to every request (request id, access log, errors, load shedding) stays in
 ``middlewares.py``.
 """
@@ -68,6 +71,8 @@ class Call:
     # loop.time() by which the whole request must be answered (Stripe retries included).
     deadline: float
     idempotency_key: str | None
+    # The route's path parameters as its ``path`` schema loaded them ({} without one).
+    path: dict[str, Any]
 
 
 ProtectedHandler = Callable[[Call], Awaitable[web.StreamResponse]]
@@ -79,7 +84,8 @@ class Route:
 
     scope: str
     action: str
-    body: Schema
+    body: Schema | None
+    path: Schema | None
     body_limit: int
     idempotent: bool
 
@@ -88,12 +94,21 @@ def protected(
     *,
     scope: str,
     action: str,
-    body: type[Schema],
+    body: type[Schema] | None,
+    path: type[Schema] | None = None,
     body_limit: int = JSON_BODY_LIMIT,
     idempotent: bool = False,
 ) -> Callable[[ProtectedHandler], Handler]:
-    """Run ``handler`` behind the protected path; ``body`` also documents the request."""
-    route = Route(scope, action, body(), body_limit, idempotent)
+    """Run ``handler`` behind the protected path; ``body`` (None: the route takes
+    none) and ``path`` also document the request."""
+    route = Route(
+        scope,
+        action,
+        body() if body is not None else None,
+        path() if path is not None else None,
+        body_limit,
+        idempotent,
+    )
 
     def wrap(handler: ProtectedHandler) -> Handler:
         async def serve(request: web.Request) -> web.StreamResponse:
@@ -101,7 +116,11 @@ def protected(
 
         serve.__name__ = handler.__name__
         serve.__doc__ = handler.__doc__
-        documented: Handler = request_schema(body, required=True)(serve)
+        documented: Handler = serve
+        if path is not None:
+            documented = request_schema(path, location="path")(documented)
+        if body is not None:
+            documented = request_schema(body, required=True)(documented)
         return documented
 
     return wrap
@@ -126,9 +145,16 @@ async def _serve(
     try:
         _check_scope(principal, route.scope)
         _rate_limit(request, principal)
-        body = _validate(route.body, await _json_body(request, route.body_limit))
+        path: dict[str, Any] = {}
+        if route.path is not None:
+            path = _validate(route.path, dict(request.match_info), _PATH_NOT_VALID)
+            # A user in the path is the action's target: refusals after this name it too.
+            event.user_id = path.get("user_id")
+        body: dict[str, Any] = {}
+        if route.body is not None:
+            body = _validate(route.body, await _json_body(request, route.body_limit))
         key = _idempotency_key(request) if route.idempotent else None
-        response = await handler(Call(request, principal, body, event, deadline, key))
+        response = await handler(Call(request, principal, body, event, deadline, key, path))
     except ServiceError as exc:
         store = _stored(request, principal, exc)
         await _decided(request, event, started, exc.status, exc, store=store)
@@ -211,12 +237,16 @@ async def _json_body(request: web.Request, limit: int) -> Any:
         raise BadRequest("malformed_json", "The body is not valid JSON.") from None
 
 
-def _validate(schema: Schema, body: Any) -> dict[str, Any]:
-    """The body as the schema loads it; 422 with a field map keyed by dotted path."""
+_PATH_NOT_VALID = "A path parameter is not valid."
+
+
+def _validate(schema: Schema, body: Any, detail: str = "") -> dict[str, Any]:
+    """The body (or path parameters) as the schema loads it; 422 with a field map
+    keyed by dotted path."""
     try:
         data: dict[str, Any] = schema.load(body)
     except ValidationError as exc:
-        raise ValidationFailed(flatten_errors(exc.messages)) from None
+        raise ValidationFailed(flatten_errors(exc.messages), detail) from None
     return data
 
 

@@ -1,31 +1,24 @@
 """``portal-gateway resync``: rewrite subscription mappings from what Stripe has now.
 
 The tool for after a webhook outage, a bad import or stale marks: for each
-user, read every subscription of their customer from Stripe
-(``GET /v1/subscriptions?customer=…&status=all``, all pages), then in one
-transaction upsert what Stripe lists (our ``external_ref`` stays with ids that
-remain), remove the rows Stripe does not list, clear stale marks, and write an
-audit row. A row that a webhook event newer than the read has already changed
-is left alone, so running it while events flow is safe.
+user, the backfill of SPEC §11 (``service.backfill``, the one implementation):
+read every subscription of their customer from Stripe, all pages, and rewrite
+the user's rows in one transaction, audited as ``mapping.resync``. Here every
+failure is one line naming the user; ``--all`` reports it and goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-import asyncpg
-
-from service import audit
-from service.audit import ACTION_MAPPING_RESYNC, AuditEvent
+from service.audit import ACTION_MAPPING_RESYNC
+from service.backfill import Actor, BackfillError, NoCustomerMapping, backfill_customer
 from service.config import ConfigError, Settings
 from service.db import deployment, mappings
 from service.db.mappings import CustomerMapping
 from service.db.pool import Database
-from service.domain import SubscriptionState, subscription_state
 from service.errors import ServiceError
 from service.stripe import StripeClient, upstream_error_code
 
@@ -33,6 +26,7 @@ from service.stripe import StripeClient, upstream_error_code
 # test mode and 100/s live, shared with the serving replicas.
 ALL_CONCURRENCY = 4
 _PAGE = 500
+_CLI = Actor("cli", "resync")
 
 
 class ResyncFailed(Exception):
@@ -58,70 +52,27 @@ async def resync_user(db: Database, stripe: StripeClient, user_id: str) -> UserR
     async with db.connection() as conn:
         customer = await mappings.find_customer(conn, user_id)
     if customer is None:
-        raise ResyncFailed(f"{user_id}: no customer is mapped for this user")
+        raise ResyncFailed(str(NoCustomerMapping(user_id)))
     return await _resync(db, stripe, customer)
 
 
 async def _resync(db: Database, stripe: StripeClient, customer: CustomerMapping) -> UserResynced:
-    user_id, stripe_id = customer.user_id, customer.stripe_customer_id
-    if stripe_id is None:
-        raise ResyncFailed(
-            f"{user_id}: mapped to an Accounts v2 account; resync lists subscriptions by customer"
-        )
-    read_at = datetime.now(UTC)
     try:
-        listed = await stripe.list_subscriptions(stripe_id)
+        done = await backfill_customer(
+            db, stripe, None, customer, action=ACTION_MAPPING_RESYNC, actor=_CLI
+        )
+    except BackfillError as exc:
+        raise ResyncFailed(str(exc)) from None
     except ServiceError as exc:
-        if upstream_error_code(exc) == "resource_missing":
-            await mappings.mark_stale(db, "customer", user_id, stripe_id)
+        user_id, code = customer.user_id, upstream_error_code(exc)
+        if code == "resource_missing":
+            # backfill_customer has marked the mapping stale.
             raise ResyncFailed(
-                f"{user_id}: Stripe has no customer {stripe_id}; the mapping is marked stale"
+                f"{user_id}: Stripe has no customer {customer.stripe_customer_id};"
+                " the mapping is marked stale"
             ) from None
-        code = upstream_error_code(exc)
         raise ResyncFailed(f"{user_id}: Stripe: {exc.code}{f' ({code})' if code else ''}") from None
-    subs: list[SubscriptionState] = []
-    for obj in listed:
-        state = subscription_state(obj)
-        if state is None:
-            raise ResyncFailed(f"{user_id}: Stripe listed a subscription we cannot store")
-        if state.customer == stripe_id:
-            subs.append(state)
-    try:
-        rewritten = await _rewrite(db, customer, subs, read_at)
-    except asyncpg.PostgresError as exc:
-        # A constraint the rows broke: name it, roll back this user, go on with the others.
-        raise ResyncFailed(f"{user_id}: the database refused the rewrite ({exc})") from None
-    return UserResynced(user_id, len(rewritten.written), rewritten.removed)
-
-
-async def _rewrite(
-    db: Database, customer: CustomerMapping, subs: list[SubscriptionState], read_at: datetime
-) -> mappings.Rewritten:
-    user_id, stripe_id = customer.user_id, customer.stripe_customer_id
-    async with db.connection() as conn, conn.transaction():
-        rewritten = await mappings.rewrite_subscriptions(conn, customer, subs, read_at)
-        if rewritten is None:
-            raise ResyncFailed(f"{user_id}: the customer mapping changed meanwhile; run it again")
-        await audit.emit(
-            conn,
-            None,
-            AuditEvent(
-                request_id=uuid.uuid4().hex,
-                principal_type="cli",
-                principal_id="resync",
-                action=ACTION_MAPPING_RESYNC,
-                user_id=user_id,
-                outcome="applied",
-                http_status=200,
-                stripe_customer_id=stripe_id,
-                detail={
-                    "listed": [s.id for s in subs],
-                    "written": rewritten.written,
-                    "removed": rewritten.removed,
-                },
-            ),
-        )
-    return rewritten
+    return UserResynced(done.user_id, len(done.written), done.removed)
 
 
 async def resync_all(db: Database, stripe: StripeClient, report: Callable[[str], None]) -> Summary:

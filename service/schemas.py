@@ -11,7 +11,13 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from service.domain import AFTER_COMPLETION_TYPES, FLOW_FIELDS, FLOW_TYPES, LOCALES
+from service.domain import (
+    AFTER_COMPLETION_TYPES,
+    FLOW_FIELDS,
+    FLOW_TYPES,
+    LOCALES,
+    SUBSCRIPTION_STATUSES,
+)
 
 NOT_VALID_FOR_FLOW = "Not allowed for this flow type."
 
@@ -131,6 +137,133 @@ class PortalSessionSchema(Schema):
     livemode = fields.Boolean(required=True)
 
 
+# --- the mapping API (SPEC §11) ----------------------------------------------------
+
+
+def _stripe_id(prefix: str, **kwargs: Any) -> fields.String:
+    """A Stripe id with this prefix: it becomes a URL path segment or a header value."""
+    return fields.String(
+        validate=[
+            validate.Length(max=255),
+            validate.Regexp(rf"^{prefix}[A-Za-z0-9_]+$", error=f"Must be a {prefix}… id."),
+        ],
+        **kwargs,
+    )
+
+
+class UserPathSchema(Schema):
+    """``/v1/users/{user_id}``: the same rule as a body's ``user_id`` (percent-decoded)."""
+
+    user_id = _name(required=True, metadata={"description": "Our user id (percent-encoded)."})
+
+
+class CustomerMappingRequestSchema(Schema):
+    """``PUT /v1/users/{user_id}/customer``: the whole mapping (omitted fields become null)."""
+
+    stripe_customer_id = _stripe_id(
+        "cus_",
+        metadata={
+            "description": "The Stripe customer; exactly one of this and stripe_account_id. "
+            "Verified with Stripe before it is written."
+        },
+    )
+    stripe_account_id = _stripe_id(
+        "acct_",
+        metadata={
+            "description": "An Accounts v2 account acting as the customer; exactly one of "
+            "this and stripe_customer_id. Not verified with Stripe."
+        },
+    )
+    portal = _name(metadata={"description": "An existing portal profile name."})
+    locale = fields.String(validate=validate.OneOf(LOCALES))
+    connected_account = _stripe_id(
+        "acct_",
+        metadata={
+            "description": "Connect: the account the customer lives on (every Stripe call "
+            "about it carries Stripe-Account)."
+        },
+    )
+
+    @validates_schema
+    def _one_id(self, data: dict[str, Any], **_: Any) -> None:
+        given = [name for name in ("stripe_customer_id", "stripe_account_id") if name in data]
+        if not given:
+            raise ValidationError(
+                ["Give stripe_customer_id or stripe_account_id."], "stripe_customer_id"
+            )
+        if len(given) == 2:
+            raise ValidationError(
+                ["Give stripe_customer_id or stripe_account_id, not both."], "stripe_account_id"
+            )
+
+
+MAPPING_SOURCES = ("import", "api", "stripe_metadata")
+
+
+class CustomerMappingSchema(Schema):
+    stripe_customer_id = fields.String(required=True, allow_none=True)
+    stripe_account_id = fields.String(required=True, allow_none=True)
+    source = fields.String(
+        required=True,
+        validate=validate.OneOf(MAPPING_SOURCES),
+        metadata={"description": "Where the mapping comes from; explicit ones win."},
+    )
+    source_at = fields.DateTime(
+        required=True,
+        metadata={"description": "The time of the fact: the write, or the Stripe event's."},
+    )
+    stale = fields.Boolean(
+        required=True, metadata={"description": "Stripe said it no longer knows the id."}
+    )
+    portal = fields.String(required=True, allow_none=True)
+    locale = fields.String(required=True, allow_none=True)
+    connected_account = fields.String(required=True, allow_none=True)
+
+
+class MappedSubscriptionSchema(Schema):
+    ref = fields.String(
+        required=True, allow_none=True, metadata={"description": "Our reference, if any."}
+    )
+    stripe_subscription_id = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(SUBSCRIPTION_STATUSES))
+    cancel_at = fields.DateTime(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Scheduled cancellation time (flexible billing sets only this)."},
+    )
+    cancel_at_period_end = fields.Boolean(required=True)
+    item_id = fields.String(
+        required=True, allow_none=True, metadata={"description": "null: several items."}
+    )
+    price_id = fields.String(required=True, allow_none=True)
+    plan = fields.String(
+        required=True, allow_none=True, metadata={"description": "Our plan for the price."}
+    )
+    quantity = fields.Integer(required=True, allow_none=True)
+
+
+class UserMappingSchema(Schema):
+    """``GET /v1/users/{user_id}``: the customer mapping and the subscriptions."""
+
+    user_id = fields.String(required=True)
+    customer = fields.Nested(CustomerMappingSchema, required=True)
+    subscriptions = fields.List(fields.Nested(MappedSubscriptionSchema), required=True)
+
+
+class PutMappingSchema(UserMappingSchema):
+    """``PUT``'s answer: the mapping as GET shows it, and how the inline backfill went."""
+
+    backfill = fields.String(
+        required=True,
+        validate=validate.OneOf(("ok", "failed", "skipped")),
+        metadata={
+            "description": "The user's subscriptions read from Stripe: ok; failed (the "
+            "mapping stays; the next event, sync or resync completes it); skipped (an "
+            "Accounts v2 id: Stripe lists subscriptions by customer)."
+        },
+    )
+
+
 class UpstreamErrorSchema(Schema):
     type = fields.String(allow_none=True)
     code = fields.String(allow_none=True)
@@ -174,6 +307,7 @@ class WebhookReceiptSchema(Schema):
         required=True,
         metadata={
             "description": "applied, duplicate, superseded (older than the mapping), "
+            "unchanged, conflict (a metadata link an explicit mapping overrules), "
             "unknown_customer, unhandled, livemode_mismatch or invalid_object."
         },
     )

@@ -2,9 +2,14 @@
 
 Reads top to bottom: check ``Stripe-Signature`` against every configured
 secret → parse the event → in one transaction claim its id (a replay changes
-nothing), apply it (ordering is left to the SQL in ``db/mappings.py``), emit
-the audit event → count it. It knows nothing of HTTP beyond the errors it raises;
-``handlers/webhooks.py`` reads the body and writes the answer.
+nothing), apply it (ordering is left to the SQL in ``db/mappings.py``, and for
+``customer.created|updated`` metadata facts to ``linking.py``), emit the audit
+events → count it, and schedule a backfill for every user it linked. It knows
+nothing of HTTP beyond the errors it raises; ``handlers/webhooks.py`` reads the
+body and writes the answer.
+
+Connect: an event with a top-level ``account`` touches only mappings on that
+connected account, one without only the platform's (``connected_account`` NULL).
 
 Anything Stripe sent and signed that we cannot use (an unknown customer, an
 event type we do not handle, an object we cannot read) is recorded and
@@ -17,20 +22,22 @@ import hashlib
 import hmac
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
 
-from service import audit
+from service import audit, linking
 from service.audit import (
     ACTION_MAPPING_CREATE,
     ACTION_MAPPING_DELETE,
     ACTION_MAPPING_UPDATE,
     AuditEvent,
 )
+from service.backfill import Actor
+from service.backfiller import Backfiller
 from service.config import Secret, Settings
 from service.db import events, mappings
 from service.db.pool import Connection, Database
@@ -52,6 +59,8 @@ SUBSCRIPTION_EVENTS = frozenset(
 )
 CUSTOMER_DELETED = "customer.deleted"
 HANDLED_EVENTS = SUBSCRIPTION_EVENTS | {CUSTOMER_DELETED}
+# Handled when STRIPE_USER_METADATA_KEY is set (else 'unhandled'): metadata links.
+CUSTOMER_FACT_EVENTS = frozenset(linking.FACT_EVENTS)
 # Metric label for requests refused before the event could be read.
 UNVERIFIED = "unverified"
 
@@ -65,6 +74,8 @@ class WebhookDeps:
     settings: Settings
     db: Database
     metrics: Metrics
+    # Backfills the users an event linked, after its transaction (None: nobody does).
+    backfiller: Backfiller | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,11 @@ class Event:
     object: dict[str, Any]
     # The API request that caused the event, when there was one.
     request_id: str | None
+    # Connect: the connected account (`acct_…`) the event happened on; None for
+    # the platform's own. It scopes which mappings the event may touch.
+    account: str | None = None
+    # data.previous_attributes of an *.updated event: what changed, and from what.
+    previous_attributes: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +115,14 @@ class SignatureInvalid(BadRequest):
 
 def metric_type(event_type: str) -> str:
     """A bounded label: the types we handle as-is, anything else ``other``."""
-    return event_type if event_type in HANDLED_EVENTS else "other"
+    return event_type if event_type in HANDLED_EVENTS | CUSTOMER_FACT_EVENTS else "other"
+
+
+def handles(settings: Settings, event_type: str) -> bool:
+    """Whether this service applies events of this type (metadata links only with a key)."""
+    if event_type in CUSTOMER_FACT_EVENTS:
+        return settings.stripe_user_metadata_key is not None
+    return event_type in HANDLED_EVENTS
 
 
 # --- verification ------------------------------------------------------------
@@ -181,6 +204,12 @@ def parse_event(payload: bytes) -> Event:
         raise _invalid("data.object must be an object")
     request = data.get("request")
     request_id = request.get("id") if isinstance(request, dict) else None
+    previous = data["data"].get("previous_attributes")
+    account = data.get("account")
+    if account is not None and (
+        not isinstance(account, str) or stripe_id(account, "acct_") is None or len(account) > 255
+    ):
+        raise _invalid("account must be an acct_ id")
     return Event(
         id=event_id,
         type=event_type,
@@ -188,6 +217,8 @@ def parse_event(payload: bytes) -> Event:
         livemode=livemode,
         object=obj,
         request_id=request_id if isinstance(request_id, str) else None,
+        account=account,
+        previous_attributes=previous if isinstance(previous, dict) else None,
     )
 
 
@@ -223,14 +254,43 @@ async def receive(
         raise
     label = metric_type(event.type)
     try:
-        result = await _apply(deps, event, request_id, client_ip, user_agent)
+        outcome = await _apply(deps, event, request_id, client_ip, user_agent)
     except Exception:
         # Stripe retries a non-2xx: the transaction rolled back, so the retry starts clean.
         metrics.labels(type=label, result="error").inc()
         raise
+    result = outcome.result
     metrics.labels(type=label, result=result).inc()
+    if outcome.links is not None:
+        # Committed: count it, then fetch the linked users' subscriptions in the background.
+        linking.count(deps.metrics, outcome.links)
+        for user_id in outcome.links.linked_users:
+            _schedule_backfill(deps, event, request_id, user_id)
     log.info("webhook_event", event_id=event.id, event_type=event.type, result=result)
     return Receipt(event.id, event.type, result)
+
+
+def _schedule_backfill(deps: WebhookDeps, event: Event, request_id: str, user_id: str) -> None:
+    """Backfill after commit, never failing the delivery: Stripe wants 2xx within a second."""
+    if deps.backfiller is None:
+        log.warning("backfill_not_scheduled", user_id=user_id, reason="no_backfiller")
+        return
+    try:
+        deps.backfiller.schedule(
+            user_id, actor=Actor(PRINCIPAL_STRIPE, event.id, request_id=request_id)
+        )
+    except Exception:  # the link is committed; sync or resync repairs a missed backfill
+        log.exception("backfill_not_scheduled", user_id=user_id, event_id=event.id)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What applying one event did, for the answer and for after the commit."""
+
+    result: str
+    records: list[AuditEvent] = field(default_factory=list)
+    # A metadata fact's decision (customer.created|updated).
+    links: linking.Decided | None = None
 
 
 async def _apply(
@@ -239,13 +299,14 @@ async def _apply(
     request_id: str,
     client_ip: str | None,
     user_agent: str | None,
-) -> str:
+) -> _Outcome:
     """One transaction: claim the id, apply, audit, record the result."""
     db = deps.db
+    key = deps.settings.stripe_user_metadata_key
+    handled = handles(deps.settings, event.type)
     sub = subscription_state(event.object) if event.type in SUBSCRIPTION_EVENTS else None
     customer = (sub.customer or sub.account) if sub else stripe_id(event.object.get("id"), "cus_")
     object_id = event.object.get("id")
-    record: AuditEvent | None = None
     started = time.perf_counter()
     async with db.connection() as conn, conn.transaction():
         claimed = await events.claim_event(
@@ -253,51 +314,64 @@ async def _apply(
             event.id,
             event.type,
             event.created,
-            customer if event.type in HANDLED_EVENTS else None,
+            customer if handled else None,
             object_id if isinstance(object_id, str) else None,
         )
         if not claimed:
-            return "duplicate"
+            return _Outcome("duplicate")
+        fact = (
+            linking.fact_from_customer(
+                event.object,
+                key,
+                at=event.created,
+                connected_account=event.account,
+                previous_attributes=event.previous_attributes,
+            )
+            if key is not None and event.type in CUSTOMER_FACT_EVENTS
+            else None
+        )
         if event.livemode != deps.settings.livemode:
             # Signed with this endpoint's secret, but for the other mode's ids.
-            result = "livemode_mismatch"
-        elif event.type not in HANDLED_EVENTS:
-            result = "unhandled"
+            outcome = _Outcome("livemode_mismatch")
+        elif not handled:
+            outcome = _Outcome("unhandled")
         elif sub is not None:
-            result, record = await _apply_subscription(conn, event, sub)
+            outcome = await _apply_subscription(conn, event, sub)
         elif event.type == CUSTOMER_DELETED and customer is not None:
-            result, record = await _apply_customer_deleted(conn, event, customer)
+            outcome = await _apply_customer_deleted(conn, event, customer)
+        elif fact is not None:
+            outcome = await _apply_metadata_fact(conn, event, fact)
         else:
             log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
-            result = "invalid_object"
-        if record is not None:
+            outcome = _Outcome("invalid_object")
+        for record in outcome.records:
             record.request_id = request_id
             record.client_ip = client_ip
             record.user_agent = user_agent
             record.duration_ms = (time.perf_counter() - started) * 1000
             await audit.emit(conn, deps.metrics, record)
-        await events.finish_event(conn, event.id, result)
+        await events.finish_event(conn, event.id, outcome.result)
     deps.metrics.db_duration.labels(query="webhook_apply").observe(time.perf_counter() - started)
-    if result == "unknown_customer":
+    if outcome.result == "unknown_customer":
         log.warning("webhook_unknown_customer", event_id=event.id, customer=customer)
-    return result
+    return outcome
 
 
-async def _apply_subscription(
-    conn: Connection, event: Event, sub: SubscriptionState
-) -> tuple[str, AuditEvent | None]:
+async def _apply_subscription(conn: Connection, event: Event, sub: SubscriptionState) -> _Outcome:
     applied = await mappings.apply_subscription(
         conn,
         sub,
         event.created,
         deletion=event.type == "customer.subscription.deleted",
         creation=event.type == "customer.subscription.created",
+        connected_account=event.account,
     )
     if applied.user_id is None:
-        return "unknown_customer", None
+        # Not mapped, or mapped on another Connect account than the event's.
+        return _Outcome("unknown_customer")
     if not applied.applied:
         # Older than what the row holds, or the subscription is already deleted.
-        return "superseded", None
+        return _Outcome("superseded")
     record = _audit(
         event,
         ACTION_MAPPING_CREATE if applied.inserted else ACTION_MAPPING_UPDATE,
@@ -313,24 +387,40 @@ async def _apply_subscription(
             "deleted": event.type == "customer.subscription.deleted",
         },
     )
-    return "applied", record
+    return _Outcome("applied", [record])
 
 
-async def _apply_customer_deleted(
-    conn: Connection, event: Event, customer: str
-) -> tuple[str, AuditEvent | None]:
-    deleted = await mappings.delete_customer(conn, customer)
+async def _apply_customer_deleted(conn: Connection, event: Event, customer: str) -> _Outcome:
+    # Whatever the mapping's source: the customer is gone in Stripe.
+    deleted = await mappings.delete_customer(conn, customer, connected_account=event.account)
     if deleted is None:
-        return "unknown_customer", None
+        return _Outcome("unknown_customer")
     user_id, subscriptions = deleted
     record = _audit(
         event, ACTION_MAPPING_DELETE, user_id, customer, {"subscriptions": subscriptions}
     )
-    return "applied", record
+    return _Outcome("applied", [record])
+
+
+async def _apply_metadata_fact(
+    conn: Connection, event: Event, fact: linking.MetadataFact
+) -> _Outcome:
+    decided = await linking.apply_fact(conn, fact, event_id=event.id)
+    records = [
+        _audit(event, e.action, e.user_id, e.customer, e.detail, outcome=e.outcome)
+        for e in linking.audit_entries(decided)
+    ]
+    return _Outcome(decided.result, records, decided)
 
 
 def _audit(
-    event: Event, action: str, user_id: str, customer: str | None, detail: dict[str, Any]
+    event: Event,
+    action: str,
+    user_id: str,
+    customer: str | None,
+    detail: dict[str, Any],
+    *,
+    outcome: str = "applied",
 ) -> AuditEvent:
     return AuditEvent(
         request_id="",
@@ -338,7 +428,7 @@ def _audit(
         principal_id=event.id,
         action=action,
         user_id=user_id,
-        outcome="applied",
+        outcome=outcome,
         http_status=200,
         stripe_customer_id=customer,
         stripe_request_id=event.request_id,

@@ -4,8 +4,10 @@ Test and development tooling only (never in the production image, and it must
 not import ``service``): the service's tests and ``make run`` point
 ``STRIPE_API_BASE`` at it instead of api.stripe.com. It validates
 ``POST /v1/billing_portal/sessions`` as strictly as Stripe (API version
-2025-09-30.clover), serves ``GET /v1/subscriptions`` from seeded data, records
-every request, and injects faults on demand through ``/_standin/...``.
+2025-09-30.clover), serves ``GET /v1/subscriptions``, ``GET /v1/customers`` and
+``GET /v1/customers/{id}`` from seeded data, scopes every object to the
+connected account it was seeded on (the ``Stripe-Account`` header, Connect),
+records every request, and injects faults on demand through ``/_standin/...``.
 
 Run it with ``python -m stripe_standin`` or build it in-process with
 :func:`create_app`; ``app[STATE]`` is the :class:`StandinState` behind both.
@@ -15,11 +17,14 @@ Where things are:
 * ``app``: :func:`create_app`, the URL table, the ``Request-Id`` middleware;
 * ``stripe_api``: what every ``/v1`` request goes through (auth, version,
   form, idempotency, recording, faults, errors);
-* ``stripe_endpoints``: what each ``/v1`` endpoint answers;
+* ``stripe_endpoints``: what each ``/v1`` endpoint answers; ``listing``: the
+  pagination every list endpoint shares;
 * ``validation``: Stripe's parameter rules; ``stripe_errors``: Stripe's other
   error messages;
 * ``faults`` (parsing a scripted fault) and ``fault_responses`` (acting it out);
-* ``state``: :class:`StandinState`, recordings, seeded subscriptions;
+* ``state``: :class:`StandinState`, recordings, seeded subscriptions and
+  customers, the account each seeded object lives on; ``customers``: how a
+  customer seed becomes a Stripe customer object;
 * ``control`` and ``control_input``: the ``/_standin`` control API and its input
   checks; ``responses``: JSON and request-id helpers both faces use.
 """

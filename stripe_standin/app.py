@@ -92,6 +92,9 @@ def create_app(
         ("GET", "/_standin/subscriptions", control.get_subscriptions),
         ("POST", "/_standin/subscriptions", control.post_subscriptions),
         ("DELETE", "/_standin/subscriptions", control.delete_subscriptions),
+        ("GET", "/_standin/customers", control.get_customers),
+        ("POST", "/_standin/customers", control.post_customers),
+        ("DELETE", "/_standin/customers", control.delete_customers),
         ("POST", "/_standin/reset", control.post_reset),
     ]
     for method, path, control_handler in control_routes:
@@ -101,6 +104,8 @@ def create_app(
         "/v1/billing_portal/sessions", api_handler(stripe_endpoints.PORTAL_SESSIONS_ROUTE)
     )
     app.router.add_get("/v1/subscriptions", api_handler(stripe_endpoints.SUBSCRIPTIONS_ROUTE))
+    app.router.add_get("/v1/customers", api_handler(stripe_endpoints.CUSTOMERS_ROUTE))
+    app.router.add_get("/v1/customers/{id}", api_handler(stripe_endpoints.CUSTOMER_ROUTE))
     # Registered last so it only catches what the routes above do not (wrong path
     # or wrong method), which Stripe answers with a 404 in its own error shape.
     app.router.add_route("*", "/v1/{tail:.*}", api_handler(stripe_endpoints.UNKNOWN_ROUTE))

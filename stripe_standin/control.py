@@ -1,8 +1,10 @@
 """The control API (``/_standin/...``, no auth): how tests and the demo drive the stand-in.
 
 Read and clear what was received; queue faults; set the standing latency;
-declare ids that do not exist; seed the subscriptions ``GET /v1/subscriptions``
-returns; reset everything. Each handler here is a thin JSON face over a
+declare ids (objects or connected accounts) that do not exist; seed the
+subscriptions ``GET /v1/subscriptions`` returns and the customers
+``GET /v1/customers`` returns, each optionally on a connected account
+(``account``); reset everything. Each handler here is a thin JSON face over a
 :class:`~stripe_standin.state.StandinState` method; :mod:`.app` maps the URLs.
 """
 
@@ -20,16 +22,19 @@ from .state import STATE, StandinState
 __all__ = [
     "ControlHandler",
     "control_endpoint",
+    "delete_customers",
     "delete_faults",
     "delete_missing",
     "delete_requests",
     "delete_subscriptions",
+    "get_customers",
     "get_faults",
     "get_latency",
     "get_missing",
     "get_requests",
     "get_subscriptions",
     "health",
+    "post_customers",
     "post_faults",
     "post_latency",
     "post_missing",
@@ -127,6 +132,24 @@ async def post_subscriptions(request: web.Request, state: StandinState) -> objec
 
 async def delete_subscriptions(request: web.Request, state: StandinState) -> object:
     return {"deleted": state.clear_subscriptions()}
+
+
+async def get_customers(request: web.Request, state: StandinState) -> object:
+    # The account is not part of a Stripe object; shown here so a test can check it.
+    customers = [
+        {**customer, "account": state.account_of(customer_id)}
+        for customer_id, customer in state.customers.items()
+    ]
+    return {"customers": customers}
+
+
+async def post_customers(request: web.Request, state: StandinState) -> object:
+    ids = state.seed_customers(await _json_list(request, "customers"))
+    return {"seeded": len(ids), "ids": ids, "total": len(state.customers)}
+
+
+async def delete_customers(request: web.Request, state: StandinState) -> object:
+    return {"deleted": state.clear_customers()}
 
 
 async def post_reset(request: web.Request, state: StandinState) -> object:

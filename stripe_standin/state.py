@@ -1,9 +1,11 @@
 """What the stand-in remembers: :class:`StandinState`, one per application.
 
 Recorded requests, queued faults, the standing latency, ids declared missing,
-seeded subscriptions (and how a seed becomes a Stripe subscription object), and
-responses stored under idempotency keys. The control API reads and scripts it
-over HTTP; in-process tests reach it directly as ``app[STATE]``.
+seeded customers and subscriptions (how a subscription seed becomes a Stripe
+object is here; a customer's in :mod:`.customers`), the connected account each
+seeded object lives on (Connect), and responses stored under idempotency keys.
+The control API reads and scripts it over HTTP; in-process tests reach it
+directly as ``app[STATE]``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Final, cast
 from aiohttp import web
 
 from .control_input import MAX_LATENCY_MS, ControlError, is_int, is_number
+from .customers import customer_object, seed_account
 from .faults import Fault
 from .validation import SUBSCRIPTION_STATUSES, IdRef, Params
 
@@ -51,6 +54,8 @@ class RecordedRequest:
     raw: list[tuple[str, str]]
     idempotency_key: str | None
     request_id: str
+    # The Stripe-Account header as received (Connect), None when absent.
+    stripe_account: str | None = None
     # None while in flight, and for faults that never answer (hang, reset).
     status: int | None = None
     fault: str | None = None
@@ -63,6 +68,7 @@ class RecordedRequest:
             "params": self.params,
             "raw": [[key, value] for key, value in self.raw],
             "idempotency_key": self.idempotency_key,
+            "stripe_account": self.stripe_account,
             "status": self.status,
             "request_id": self.request_id,
             "fault": self.fault,
@@ -110,7 +116,14 @@ class StandinState:
         self.missing_ids: set[str] = set()
         # Insertion-ordered so list order is stable for equal ``created`` times.
         self.subscriptions: dict[str, dict[str, Any]] = {}
-        self.idempotency: dict[tuple[str, str], StoredResponse] = {}
+        # Deleted customers stay here, marked ``"deleted": True``: the API shows
+        # them as deleted, and they keep their place as list cursors.
+        self.customers: dict[str, dict[str, Any]] = {}
+        # Object id -> the connected account it lives on; absent: the platform.
+        self.accounts: dict[str, str] = {}
+        self._customer_order: tuple[list[dict[str, Any]], dict[str, int]] | None = None
+        # (API key, Stripe-Account or "", Idempotency-Key) -> the first answer.
+        self.idempotency: dict[tuple[str, str, str], StoredResponse] = {}
         # Set on shutdown: latencies and hangs end early so the server can stop.
         self.closing = asyncio.Event()
 
@@ -168,11 +181,87 @@ class StandinState:
         self.missing_ids.clear()
         return count
 
-    def check_ids(self, refs: Iterable[IdRef]) -> None:
-        """Answer like Stripe for an id that is malformed or declared missing."""
+    def check_ids(self, refs: Iterable[IdRef], stripe_account: str | None = None) -> None:
+        """Answer like Stripe for an id that is malformed, declared missing, or not there.
+
+        Ids of seeded objects must live on ``stripe_account`` (None: the platform)
+        and a customer must not be deleted; ids never seeded pass, as before.
+        """
         for ref in refs:
-            if not ref.looks_valid() or ref.value in self.missing_ids:
+            if (
+                not ref.looks_valid()
+                or ref.value in self.missing_ids
+                or not self._reachable(ref.value, stripe_account)
+            ):
                 raise ref.error()
+
+    def _reachable(self, object_id: str, stripe_account: str | None) -> bool:
+        customer = self.customers.get(object_id)
+        if customer is not None and customer.get("deleted"):
+            return False
+        seeded = customer is not None or object_id in self.subscriptions
+        return not seeded or self.account_of(object_id) == stripe_account
+
+    # -- Connect
+
+    def account_of(self, object_id: str) -> str | None:
+        """The connected account a seeded object lives on; None for the platform."""
+        return self.accounts.get(object_id)
+
+    def _place(self, object_id: str, account: str | None) -> None:
+        if account is None:
+            self.accounts.pop(object_id, None)
+        else:
+            self.accounts[object_id] = account
+
+    def _forget(self, objects: dict[str, dict[str, Any]]) -> int:
+        count = len(objects)
+        for object_id in objects:
+            self.accounts.pop(object_id, None)
+        objects.clear()
+        return count
+
+    # -- customers for GET /v1/customers and GET /v1/customers/{id}
+
+    def seed_customers(self, seeds: Iterable[object]) -> list[str]:
+        """Add or replace (by id) customers; all or none. Returns their ids, in seed order.
+
+        A seed: ``{id?, email?, name?, metadata?, created?, deleted?, livemode?,
+        account?}``; ids are generated when absent, ``created`` defaults to now.
+        """
+        now = int(time.time())
+        built: dict[str, tuple[dict[str, Any], str | None]] = {}
+        # Generated ids must not collide with earlier seeds of the same call either.
+        taken = set(self.customers)
+        for seed in seeds:
+            obj, account = customer_object(seed, now, taken)
+            built[obj["id"]] = (obj, account)
+            taken.add(obj["id"])
+        for customer_id, (obj, account) in built.items():
+            self.customers[customer_id] = obj
+            self._place(customer_id, account)
+        if built:
+            self._customer_order = None
+        return list(built)
+
+    def clear_customers(self) -> int:
+        self._customer_order = None
+        return self._forget(self.customers)
+
+    def customer_order(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Every customer (deleted ones too) newest first, ties by id; and each one's index.
+
+        Cached until the customers change, so paging through many is cheap.
+        """
+        if self._customer_order is None:
+            ordered = sorted(
+                self.customers.values(),
+                key=lambda customer: (customer["created"], customer["id"]),
+                reverse=True,
+            )
+            positions = {customer["id"]: index for index, customer in enumerate(ordered)}
+            self._customer_order = (ordered, positions)
+        return self._customer_order
 
     # -- subscriptions for GET /v1/subscriptions
 
@@ -180,14 +269,13 @@ class StandinState:
         """Add or replace (by id) subscriptions; all or none. Returns how many were given."""
         now = int(time.time())
         objects = [_subscription_object(seed, now) for seed in seeds]
-        for obj in objects:
+        for obj, account in objects:
             self.subscriptions[obj["id"]] = obj
+            self._place(obj["id"], account)
         return len(objects)
 
     def clear_subscriptions(self) -> int:
-        count = len(self.subscriptions)
-        self.subscriptions.clear()
-        return count
+        return self._forget(self.subscriptions)
 
     def reset(self) -> None:
         """Forget everything: recordings, faults, latency, missing ids, seeds, idempotency."""
@@ -195,7 +283,8 @@ class StandinState:
         self.faults.clear()
         self.latency_ms = self.default_latency_ms
         self.missing_ids.clear()
-        self.subscriptions.clear()
+        self.clear_subscriptions()
+        self.clear_customers()
         self.idempotency.clear()
 
 
@@ -205,8 +294,8 @@ STATE: Final = web.AppKey("stripe_standin.state", StandinState)
 # --------------------------------------------------------------------------- seeded subscriptions
 
 
-def _subscription_object(seed: object, now: int) -> dict[str, Any]:
-    """A Stripe subscription object from a control-API seed."""
+def _subscription_object(seed: object, now: int) -> tuple[dict[str, Any], str | None]:
+    """A Stripe subscription object from a control-API seed, and the account it lives on."""
     if not isinstance(seed, dict):
         raise ControlError("each subscription must be a JSON object")
     sub_id = seed.get("id")
@@ -225,11 +314,16 @@ def _subscription_object(seed: object, now: int) -> dict[str, Any]:
     if not isinstance(raw_items, list):
         raise ControlError(f"{sub_id}: items must be a list")
     items = [_subscription_item(sub_id, item, created) for item in raw_items]
+    cancel_at = seed.get("cancel_at")
+    if cancel_at is not None and not is_int(cancel_at):
+        raise ControlError(f"{sub_id}: cancel_at must be a unix time or null")
+    cancel_at_period_end = seed.get("cancel_at_period_end", False)
+    if not isinstance(cancel_at_period_end, bool):
+        raise ControlError(f"{sub_id}: cancel_at_period_end must be true or false")
+    account = seed_account(seed, sub_id)
     # Fields the stand-in does not model (metadata, current_period_end...) pass through.
-    extra = {
-        k: v for k, v in seed.items() if k not in ("id", "customer", "status", "created", "items")
-    }
-    return {
+    extra = {k: v for k, v in seed.items() if k not in _SUBSCRIPTION_MODELLED}
+    subscription = {
         **extra,
         "id": sub_id,
         "object": "subscription",
@@ -244,7 +338,23 @@ def _subscription_object(seed: object, now: int) -> dict[str, Any]:
         },
         "livemode": False,
         "status": status,
+        # Both mean "scheduled to cancel"; flexible billing mode sets only cancel_at.
+        "cancel_at": cancel_at,
+        "cancel_at_period_end": cancel_at_period_end,
     }
+    return subscription, account
+
+
+_SUBSCRIPTION_MODELLED = (
+    "id",
+    "customer",
+    "status",
+    "created",
+    "items",
+    "cancel_at",
+    "cancel_at_period_end",
+    "account",
+)
 
 
 def _subscription_item(sub_id: str, item: object, created: int) -> dict[str, Any]:

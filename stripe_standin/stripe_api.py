@@ -3,8 +3,9 @@
 :func:`api_handler` wraps one endpoint's implementation (see
 :mod:`.stripe_endpoints`) with what all of Stripe's endpoints share: the request
 is recorded, delayed, and handed to the next queued fault, or else answered
-normally: API-key auth, the ``Stripe-Version`` check, reading the form,
-idempotency keys, ``Request-Id`` and Stripe-shaped errors.
+normally: API-key auth, the ``Stripe-Version`` check, the ``Stripe-Account``
+header (Connect), reading the form, idempotency keys, ``Request-Id`` and
+Stripe-shaped errors.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from .customers import ACCOUNT_RE
 from .fault_responses import fault_response
 from .responses import Handler, current_request_id, dumps
 from .state import STATE, RecordedRequest, StandinState, StoredResponse, recorded_headers
-from .stripe_errors import API_ERROR, NO_API_KEY, error_response
+from .stripe_errors import API_ERROR, NO_API_KEY, error_response, no_account_access
 from .validation import Params, StripeError, decode_form
 
 __all__ = ["DEFAULT_API_VERSION", "ApiCall", "ApiRoute", "api_handler", "mask_api_key"]
@@ -56,6 +58,10 @@ class ApiCall:
     path: str
     params: Params
     api_key: str
+    # The connected account the request acts as (Stripe-Account), None: the platform.
+    stripe_account: str | None = None
+    # The object id in the path (``/v1/customers/{id}``), None for other routes.
+    resource_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,20 @@ _VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}(?:\.[a-z]+)?(?:;.*)?")
 def _check_version(version: str | None) -> None:
     if version is not None and _VERSION_RE.fullmatch(version.strip()) is None:
         raise StripeError(f"Invalid Stripe API version: {version}")
+
+
+def _connected_account(header: str | None, state: StandinState, api_key: str) -> str | None:
+    """The account a request acts as, or Stripe's refusal for one the key cannot reach.
+
+    Any well-formed ``acct_`` id is reachable unless declared missing
+    (``POST /_standin/missing``); a malformed one cannot exist at all.
+    """
+    if header is None:
+        return None
+    account = header.strip()
+    if ACCOUNT_RE.fullmatch(account) is None or account in state.missing_ids:
+        raise no_account_access(mask_api_key(api_key), account)
+    return account
 
 
 async def _read_pairs(request: web.Request) -> tuple[list[tuple[str, str]], StripeError | None]:
@@ -147,6 +167,7 @@ def api_handler(route: ApiRoute) -> Handler:
             raw=pairs,
             idempotency_key=request.headers.get("Idempotency-Key"),
             request_id=current_request_id.get(),
+            stripe_account=request.headers.get("Stripe-Account"),
         )
         state.requests.append(record)
         fault = state.next_fault()
@@ -194,6 +215,7 @@ def _answer(
     try:
         api_key = _authenticate(request.headers.get("Authorization"), state.api_key_prefixes)
         _check_version(request.headers.get("Stripe-Version"))
+        account = _connected_account(record.stripe_account, state, api_key)
         if read_error is not None:
             raise read_error
         assert params is not None  # decoded whenever there was no read error
@@ -204,8 +226,10 @@ def _answer(
                 f"{_MAX_IDEMPOTENCY_KEY} characters long."
             )
         fingerprint = json.dumps(params, sort_keys=True)
+        # Stripe keeps idempotency keys per key and per account acted as.
+        scope = (api_key, account or "", key or "")
         if key is not None:
-            stored = state.idempotency.get((api_key, key))
+            stored = state.idempotency.get(scope)
             if stored is not None:
                 same = (stored.method, stored.path, stored.fingerprint) == (
                     request.method,
@@ -226,12 +250,19 @@ def _answer(
                     charset="utf-8",
                     headers={"Idempotent-Replayed": "true", "Original-Request": stored.request_id},
                 )
-        call = ApiCall(request.method, request.path, params, api_key)
+        call = ApiCall(
+            request.method,
+            request.path,
+            params,
+            api_key,
+            stripe_account=account,
+            resource_id=request.match_info.get("id"),
+        )
         payload = dumps(route.impl(state, call)).encode()
         if key is not None:
             # Only successes are kept: Stripe saves no result for a request that
             # failed validation, so a corrected retry under the same key proceeds.
-            state.idempotency[(api_key, key)] = StoredResponse(
+            state.idempotency[scope] = StoredResponse(
                 request.method, request.path, fingerprint, 200, payload, current_request_id.get()
             )
         return web.Response(

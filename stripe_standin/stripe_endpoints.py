@@ -3,7 +3,11 @@
 * ``POST /v1/billing_portal/sessions``: validated as strictly as Stripe, then a
   ``billing_portal.session`` echoing the request;
 * ``GET /v1/subscriptions``: filters and pages over the seeded subscriptions;
+* ``GET /v1/customers`` and ``GET /v1/customers/{id}``: the seeded customers;
 * any other ``/v1/...``: Stripe's 404.
+
+With a ``Stripe-Account`` header (Connect) a request sees only the objects
+seeded on that account; without one, only the platform's.
 
 Each endpoint is an :class:`~stripe_standin.stripe_api.ApiRoute` (``*_ROUTE``,
 mounted by :mod:`.app`): the implementation, and a ``_fake_*`` body that a
@@ -13,16 +17,20 @@ wrong_object or truncated fault distorts, built without validating the request.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
+from .customers import deleted_customer
+from .listing import ListOf
 from .responses import random_token
 from .state import StandinState
 from .stripe_api import ApiCall, ApiRoute
 from .validation import (
+    LIST_CUSTOMERS,
     LIST_STATUS_FILTERS,
     LIST_SUBSCRIPTIONS,
     PORTAL_SESSION,
-    IdRef,
+    RETRIEVE,
     Params,
     StripeError,
     Value,
@@ -31,7 +39,14 @@ from .validation import (
     validate,
 )
 
-__all__ = ["DEFAULT_CONFIGURATION", "PORTAL_SESSIONS_ROUTE", "SUBSCRIPTIONS_ROUTE", "UNKNOWN_ROUTE"]
+__all__ = [
+    "CUSTOMERS_ROUTE",
+    "CUSTOMER_ROUTE",
+    "DEFAULT_CONFIGURATION",
+    "PORTAL_SESSIONS_ROUTE",
+    "SUBSCRIPTIONS_ROUTE",
+    "UNKNOWN_ROUTE",
+]
 
 # The configuration Stripe would pick when the request names none.
 DEFAULT_CONFIGURATION: Final = "bpc_1StandinDefaultConfig0"
@@ -154,7 +169,8 @@ def _session_object(params: Params, *, validated: bool = True) -> dict[str, Any]
 
 def _create_portal_session(state: StandinState, call: ApiCall) -> dict[str, Any]:
     validate(call.params, PORTAL_SESSION)
-    state.check_ids(portal_session_ids(call.params))
+    # A customer or subscription seeded on another account is "no such" here.
+    state.check_ids(portal_session_ids(call.params), call.stripe_account)
     return _session_object(call.params)
 
 
@@ -166,6 +182,9 @@ PORTAL_SESSIONS_ROUTE: Final = ApiRoute(_create_portal_session, _fake_portal_ses
 
 
 # --------------------------------------------------------------------------- list subscriptions
+
+
+_SUBSCRIPTION_LIST: Final = ListOf("/v1/subscriptions", "subscription", "sub_")
 
 
 def _status_matches(status: str, wanted: str | None) -> bool:
@@ -181,24 +200,13 @@ def _status_matches(status: str, wanted: str | None) -> bool:
 def _list_subscriptions(state: StandinState, call: ApiCall) -> dict[str, Any]:
     params = call.params
     validate(params, LIST_SUBSCRIPTIONS)
-    state.check_ids(list_subscription_ids(params))
+    state.check_ids(list_subscription_ids(params), call.stripe_account)
     customer = _str(params.get("customer"))
     price = _str(params.get("price"))
     wanted = _str(params.get("status"))
     assert wanted is None or wanted in LIST_STATUS_FILTERS
-    limit = int(_str(params.get("limit")) or "10")
     # Newest first like Stripe; sorted() is stable, so ties keep seed order.
     ordered = sorted(state.subscriptions.values(), key=lambda sub: -int(sub["created"]))
-    ids = [sub["id"] for sub in ordered]
-    candidates = ordered
-    for cursor_param in ("starting_after", "ending_before"):
-        cursor = _str(params.get(cursor_param))
-        if cursor is None:
-            continue
-        if cursor not in ids:
-            raise IdRef(cursor_param, cursor, "subscription", "sub_").error()
-        index = ids.index(cursor)
-        candidates = ordered[index + 1 :] if cursor_param == "starting_after" else ordered[:index]
 
     def matches(sub: dict[str, Any]) -> bool:
         prices = {item["price"]["id"] for item in sub["items"]["data"]}
@@ -208,21 +216,73 @@ def _list_subscriptions(state: StandinState, call: ApiCall) -> dict[str, Any]:
             and _status_matches(sub["status"], wanted)
         )
 
-    selected = [sub for sub in candidates if matches(sub)]
-    page = selected[-limit:] if "ending_before" in params else selected[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "has_more": len(selected) > limit,
-        "url": "/v1/subscriptions",
-    }
+    return _SUBSCRIPTION_LIST.page(
+        ordered, params, visible=_on_account(state, call), matches=matches
+    )
 
 
 def _fake_subscription_list(params: Params | None) -> dict[str, Any]:
-    return {"object": "list", "data": [], "has_more": False, "url": "/v1/subscriptions"}
+    return _SUBSCRIPTION_LIST.empty()
 
 
 SUBSCRIPTIONS_ROUTE: Final = ApiRoute(_list_subscriptions, _fake_subscription_list)
+
+
+# --------------------------------------------------------------------------- customers
+
+
+_CUSTOMER_LIST: Final = ListOf("/v1/customers", "customer", "cus_")
+
+
+def _on_account(state: StandinState, call: ApiCall) -> Callable[[dict[str, Any]], bool]:
+    """Whether a seeded object lives on the account the call acts as."""
+    return lambda obj: state.account_of(obj["id"]) == call.stripe_account
+
+
+def _list_customers(state: StandinState, call: ApiCall) -> dict[str, Any]:
+    params = call.params
+    validate(params, LIST_CUSTOMERS)
+    email = _str(params.get("email"))
+    ordered, positions = state.customer_order()
+
+    def matches(customer: dict[str, Any]) -> bool:
+        # Deleted customers are not listed (they can still be a cursor).
+        return not customer.get("deleted") and (email is None or customer["email"] == email)
+
+    visible = _on_account(state, call)
+    return _CUSTOMER_LIST.page(
+        ordered, params, visible=visible, matches=matches, positions=positions
+    )
+
+
+def _fake_customer_list(params: Params | None) -> dict[str, Any]:
+    return _CUSTOMER_LIST.empty()
+
+
+CUSTOMERS_ROUTE: Final = ApiRoute(_list_customers, _fake_customer_list)
+
+
+def _retrieve_customer(state: StandinState, call: ApiCall) -> dict[str, Any]:
+    validate(call.params, RETRIEVE)
+    customer_id = call.resource_id or ""
+    customer = state.customers.get(customer_id)
+    if (
+        customer is None
+        or customer_id in state.missing_ids
+        or state.account_of(customer_id) != call.stripe_account
+    ):
+        raise StripeError(
+            f"No such customer: '{customer_id}'", status=404, code="resource_missing", param="id"
+        )
+    # Stripe answers 200 for a deleted customer, with only the id and the flag.
+    return deleted_customer(customer) if customer.get("deleted") else customer
+
+
+def _fake_customer(params: Params | None) -> dict[str, Any]:
+    return {"id": "cus_1StandinFake", "object": "customer", "metadata": {}, "livemode": False}
+
+
+CUSTOMER_ROUTE: Final = ApiRoute(_retrieve_customer, _fake_customer)
 
 
 # --------------------------------------------------------------------------- unknown routes

@@ -1,7 +1,8 @@
 """Stripe's errors that are not about parameters, worded as Stripe words them.
 
-Missing or invalid API keys, Stripe's own 500, rate limits, lock timeouts and
-idempotency conflicts, plus the dashboard log URL Stripe puts in error bodies.
+Missing or invalid API keys, a ``Stripe-Account`` the key cannot act as,
+Stripe's own 500, rate limits, lock timeouts and idempotency conflicts, plus
+the dashboard log URL Stripe puts in error bodies.
 (Parameter errors come from :mod:`.validation`.)
 """
 
@@ -15,7 +16,14 @@ from aiohttp import web
 from .responses import current_request_id, json_response
 from .validation import StripeError
 
-__all__ = ["API_ERROR", "NO_API_KEY", "error_body_for", "error_response", "request_log_url"]
+__all__ = [
+    "API_ERROR",
+    "NO_API_KEY",
+    "error_body_for",
+    "error_response",
+    "no_account_access",
+    "request_log_url",
+]
 
 NO_API_KEY = (
     "You did not provide an API key. You need to provide your API key in the Authorization "
@@ -43,6 +51,16 @@ _IDEMPOTENCY_IN_USE = (
     "probably means you submitted twice, and the other request is still going through). "
     "Please try again later."
 )
+
+
+def no_account_access(masked_key: str, account: str) -> StripeError:
+    """Stripe's answer to a ``Stripe-Account`` the key cannot act as (or that does not exist)."""
+    return StripeError(
+        f"The provided key '{masked_key}' does not have access to account '{account}' "
+        "(or that account does not exist). Application access may have been revoked.",
+        status=403,
+        code="account_invalid",
+    )
 
 
 def request_log_url(request_id: str) -> str:

@@ -24,11 +24,13 @@ from urllib.parse import urlsplit
 __all__ = [
     "AFTER_COMPLETION_TYPES",
     "FLOW_TYPES",
+    "LIST_CUSTOMERS",
     "LIST_STATUS_FILTERS",
     "LIST_SUBSCRIPTIONS",
     "LOCALES",
     "PORTAL_SESSION",
     "RETENTION_TYPES",
+    "RETRIEVE",
     "SUBSCRIPTION_STATUSES",
     "Arr",
     "IdRef",
@@ -506,6 +508,14 @@ def _cursor_rule(obj: dict[str, Value], path: Path) -> None:
         )
 
 
+# What every list endpoint takes: a page size and one cursor.
+_PAGINATION: Mapping[str, Spec] = {
+    "limit": Scalar("integer", minimum=1, maximum=100),
+    "starting_after": _ID,
+    "ending_before": _ID,
+    "expand": Arr(Scalar()),
+}
+
 # The subset of GET /v1/subscriptions filters the stand-in implements; the others
 # are reported as unknown rather than silently ignored.
 LIST_SUBSCRIPTIONS = Obj(
@@ -513,13 +523,17 @@ LIST_SUBSCRIPTIONS = Obj(
         "customer": _ID,
         "price": _ID,
         "status": Scalar("enum", choices=LIST_STATUS_FILTERS),
-        "limit": Scalar("integer", minimum=1, maximum=100),
-        "starting_after": _ID,
-        "ending_before": _ID,
-        "expand": Arr(Scalar()),
+        **_PAGINATION,
     },
     rule=_cursor_rule,
 )
+
+# GET /v1/customers: email (exact, case-sensitive, as Stripe) and pagination;
+# Stripe's created[...] and test_clock filters are not implemented, so unknown.
+LIST_CUSTOMERS = Obj({"email": Scalar(), **_PAGINATION}, rule=_cursor_rule)
+
+# Retrieving one object by its id (the id is in the path): only expand[].
+RETRIEVE = Obj({"expand": Arr(Scalar())})
 
 
 # --------------------------------------------------------------------------- id references

@@ -109,6 +109,26 @@ def customer_deleted_event(customer: str, created: int | None = None) -> dict[st
     return _event("customer.deleted", obj, created or int(time.time()), None)
 
 
+def customer_event(
+    event_type: str,
+    customer: dict[str, Any],
+    created: int,
+    account: str | None = None,
+    previous_attributes: dict[str, Any] | None = None,
+    *,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``customer.created|updated|deleted`` event carrying ``customer`` (e.g. a stand-in
+    customer object); ``account`` is the top-level field Connect events carry."""
+    assert event_type in ("customer.created", "customer.updated", "customer.deleted"), event_type
+    event = _event(event_type, customer, created, event_id)
+    if previous_attributes is not None:
+        event["data"]["previous_attributes"] = previous_attributes
+    if account is not None:
+        event["account"] = account
+    return event
+
+
 def _event(
     event_type: str, obj: dict[str, Any], created: int, event_id: str | None
 ) -> dict[str, Any]:

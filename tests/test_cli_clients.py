@@ -106,9 +106,9 @@ async def test_scopes_and_rate_limit_are_stored_listed_and_enforced(
         database_url,
         "reports",
         "--scope",
-        "other:thing",
+        "mappings:write",
         "--scope",
-        "reports:read",
+        "mappings:read",
         "--rate-limit",
         "42",
     )
@@ -116,15 +116,14 @@ async def test_scopes_and_rate_limit_are_stored_listed_and_enforced(
         "SELECT scopes, rate_limit_per_minute FROM api_clients WHERE name = 'reports'"
     )
     assert row is not None
-    assert list(row["scopes"]) == ["other:thing", "reports:read"]
+    assert list(row["scopes"]) == ["mappings:write", "mappings:read"]
     assert row["rate_limit_per_minute"] == 42
 
     listed = await clients(database_url, "list")
     assert listed.returncode == 0, listed
     line = one_line(listed.stdout)
     assert line.split("\t")[0] == "reports"
-    assert "other:thing" in line
-    assert "reports:read" in line
+    assert "mappings:write,mappings:read" in line
     assert "42" in line
     assert "active" in line
     assert token not in listed.stdout + listed.stderr
@@ -135,6 +134,20 @@ async def test_scopes_and_rate_limit_are_stored_listed_and_enforced(
     await problem(
         await post_session(service, {"user_id": "u_42"}, token), 403, "insufficient_scope"
     )
+
+
+async def test_an_unknown_scope_is_a_one_line_usage_error(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    result = await clients(
+        database_url, "create", "typo", "--scope", "mappings:read", "--scope", "mapping:write"
+    )
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    line = one_line(result.stderr)
+    assert "'mapping:write'" in line
+    assert "portal_sessions:create, mappings:write, mappings:read" in line
+    assert await conn.fetchval("SELECT count(*) FROM api_clients") == 0
 
 
 @pytest.mark.usefixtures("world")

@@ -28,8 +28,9 @@ import aiohttp
 import pytest
 import yaml
 
+from service import keys
 from tests.conftest import Standin, create_client_token, seed_world
-from tests.helpers import created, post_session, problem
+from tests.helpers import created, customer_event, deliver, post_session, problem
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/dashboards/portal-gateway.json"
@@ -60,6 +61,8 @@ REQUIRED_METRICS = {
     "portal_gateway_stale_mappings_total",
     "portal_gateway_build_info",
     "portal_gateway_ready",
+    "portal_gateway_mapping_changes_total",
+    "portal_gateway_mapping_conflicts_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
 }
@@ -90,6 +93,8 @@ QUIET_ALERTS = {
     "PortalGatewayTargetMissing",
     "PortalGatewayLatencyP99High",
 }
+WEBHOOK_SECRET = "whsec_dashboardcheck"
+METADATA_KEY = "user_id"
 # Grafana's $__rate_interval is max(4 x scrape interval, step + scrape interval);
 # here the window spans the whole run, so every event driven below is in range.
 RATE_INTERVAL = "2m"
@@ -451,6 +456,19 @@ async def drive(t: Traffic, *, first: bool) -> None:
         t.standin.state.missing_ids.add("cus_7")
         await problem(await post_session(s, {"user_id": "u_7"}, token), 502, "upstream_rejected")
         t.standin.state.missing_ids.discard("cus_7")
+    # Stripe metadata links a new user (whose backfill is awaited: it calls the
+    # stand-in, which later steps script) and names an imported user elsewhere.
+    n = 1 if first else 2
+    now = int(time.time())
+    for customer, user, result in (
+        (f"cus_dash{n}", f"u_dash{n}", "applied"),
+        (f"cus_dashc{n}", "u_42", "conflict"),
+    ):
+        obj = {"id": customer, "object": "customer", "metadata": {METADATA_KEY: user}}
+        resp = await deliver(s, customer_event("customer.updated", obj, now), secret=WEBHOOK_SECRET)
+        assert (await resp.json())["result"] == result
+    async with asyncio.timeout(20):
+        await s.server.app[keys.BACKFILLER].wait_idle()
     # A webhook that is not Stripe's.
     resp = await s.post(
         "/v1/stripe/webhooks", data=b"{}", headers={"Stripe-Signature": "t=1,v1=00"}
@@ -527,7 +545,8 @@ async def test_every_panel_and_rule_works_against_a_real_prometheus(
         MAX_IN_FLIGHT="4",
         BREAKER_FAILURE_THRESHOLD="2",
         STRIPE_MAX_RETRIES="1",
-        STRIPE_WEBHOOK_SECRETS="whsec_dashboardcheck",
+        STRIPE_WEBHOOK_SECRETS=WEBHOOK_SECRET,
+        STRIPE_USER_METADATA_KEY=METADATA_KEY,
     )
     instance = f"127.0.0.1:{service.server.port}"
     traffic = Traffic(service, standin, conn, token, tiny)

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from service.auth import KNOWN_SCOPES
 from tests.conftest import ALLOWED_ORIGIN, create_client_token
 from tests.helpers import post_session, problem
 
@@ -56,10 +57,13 @@ SEEDED_USERS = [None, "u_42", "u_7", "u_acct", "u_none", "u_two", "u_multi"]
 
 
 def _steer(drawn: tuple[Any, str | None, bool]) -> Any:
-    """Point a generated body at a seeded user (and an allowed return URL), so
-    valid cases get past the lookups to the subscription rules and the Stripe
-    call instead of stopping at 404 unknown_user. The body stays schema-valid."""
+    """Point a generated body (or path) at a seeded user (and an allowed return
+    URL), so valid cases get past the lookups to the subscription rules and the
+    Stripe call instead of stopping at 404 unknown_user. The case stays schema-valid."""
     case, user_id, allowed_url = drawn
+    path = case.path_parameters
+    if user_id is not None and isinstance(path, dict) and "user_id" in path:
+        path["user_id"] = user_id
     body = case.body
     if isinstance(body, dict):
         if user_id is not None:
@@ -119,8 +123,9 @@ async def test_the_openapi_document_holds_under_fuzzing(
     make_service: Any, conn: asyncpg.Connection
 ) -> None:
     service = await make_service()
-    # Its own client: the fuzz must not stop at the default rate limit.
-    token = await create_client_token(conn, "fuzz", rate_limit=1_000_000)
+    # Its own client: the fuzz must not stop at the default rate limit, nor at a
+    # scope (every operation's own rules get fuzzed, not just its 403).
+    token = await create_client_token(conn, "fuzz", KNOWN_SCOPES, rate_limit=1_000_000)
     base_url = str(service.make_url("")).rstrip("/")
     failures, statuses = await asyncio.to_thread(fuzz, base_url, token)
     assert failures == [], "\n\n".join(failures)

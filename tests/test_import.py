@@ -514,3 +514,67 @@ async def test_cli_good_file_exits_0(
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [f"imported 2 customers rows from {path}"]
     assert await conn.fetchval("SELECT count(*) FROM customers") == 2
+
+
+# --- Connect and the source of a mapping (SPEC §11) ------------------------------
+
+CONNECTED_HEADER = HEADERS["customers"] + ",connected_account"
+
+
+@pytest.mark.usefixtures("world")
+async def test_customers_connected_account_column_and_source(
+    run: Any, conn: asyncpg.Connection
+) -> None:
+    # u_7 was linked by metadata a day ago, on another account.
+    await conn.execute(
+        "UPDATE customers SET source = 'stripe_metadata', source_at = now() - interval '1 day',"
+        " connected_account = 'acct_old7' WHERE user_id = 'u_7'"
+    )
+    rows = ["u_7,cus_7,,,,acct_conn7", "u_new,cus_new,,,,", "u_42,cus_42,,,fr,acct_conn42"]
+    assert await run("customers", "\n".join([CONNECTED_HEADER, *rows]) + "\n") == 3
+
+    found = {
+        r["user_id"]: r
+        for r in await conn.fetch(
+            "SELECT user_id, connected_account, source, now() - source_at < interval '1 minute'"
+            " AS fresh FROM customers"
+        )
+    }
+    assert {u: (r["connected_account"], r["source"], r["fresh"]) for u, r in found.items()} == {
+        "u_7": ("acct_conn7", "import", True),  # an import is explicit: it wins, from now
+        "u_new": (None, "import", True),
+        "u_42": ("acct_conn42", "import", True),
+        "u_acct": (None, "import", True),
+        "u_none": (None, "import", True),
+        "u_two": (None, "import", True),
+        "u_multi": (None, "import", True),
+    }
+    # A file without the column maps its customers on the platform account.
+    await run("customers", csv_text("customers", "u_42,cus_42,,,fr"))
+    assert (
+        await conn.fetchval("SELECT connected_account FROM customers WHERE user_id = 'u_42'")
+        is None
+    )
+
+
+async def test_bad_connected_account_names_line_and_column(
+    run: Any, conn: asyncpg.Connection
+) -> None:
+    await seed_world(conn)
+    before = await snapshot(conn)
+    cases = {
+        "u_1,cus_1,,,,cus_x": (
+            "customers.csv line 3, column connected_account: must start with acct_ (got 'cus_x')"
+        ),
+        "u_1,cus_1,,,,acct_a-b": (
+            "customers.csv line 3, column connected_account: must be acct_ followed by letters,"
+        ),
+        "u_1,cus_1,,,,acct_1,extra": "customers.csv line 3, column 7: unexpected extra field",
+    }
+    for row, message in cases.items():
+        with pytest.raises(ImportFailed) as failed:
+            await run("customers", f"{CONNECTED_HEADER}\nu_2,cus_2,,,,acct_2\n{row}\n")
+        assert message in str(failed.value)
+        assert await snapshot(conn) == before
+    with pytest.raises(ImportFailed, match="unexpected extra column 'account'"):
+        await run("customers", f"{CONNECTED_HEADER},account\n")

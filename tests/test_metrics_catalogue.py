@@ -39,6 +39,8 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     "portal_gateway_webhook_events_total": ("counter", frozenset({"type", "result"})),
     "portal_gateway_stale_mappings_total": ("counter", frozenset({"kind"})),
     "portal_gateway_build_info": ("gauge", frozenset({"version"})),
+    "portal_gateway_mapping_conflicts_total": ("counter", frozenset({"source"})),
+    "portal_gateway_mapping_changes_total": ("counter", frozenset({"source", "change"})),
     # Not in the table; added for the readiness alert (README, runbook).
     "portal_gateway_ready": ("gauge", frozenset()),
 }
@@ -126,6 +128,19 @@ async def test_alerted_series_start_at_zero(service: Any) -> None:
         assert line in zero, line
     assert page.value("portal_gateway_ready") == 1.0
     assert page.value("portal_gateway_build_info", version=_version()) == 1.0
+
+
+async def test_mapping_series_exist_for_every_source_and_change(service: Any) -> None:
+    """Each source's conflicts and changes are 0 from the start, so a first one is an increase."""
+    page = await scrape(service)
+    sources = ("import", "api", "stripe_metadata")
+    for source in sources:
+        assert ("portal_gateway_mapping_conflicts_total", (("source", source),)) in page.series()
+        for change in ("linked", "relinked", "unlinked", "unchanged"):
+            labels = {"source": source, "change": change}
+            series = ("portal_gateway_mapping_changes_total", tuple(sorted(labels.items())))
+            assert series in page.series(), labels
+            assert page.value("portal_gateway_mapping_changes_total", **labels) == 0
 
 
 def _version() -> str:

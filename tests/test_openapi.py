@@ -108,6 +108,12 @@ WEBHOOK_ERROR_CODES = {
     413: {"payload_too_large"},
     503: {"database_unavailable", "overloaded", "draining"},
 }
+# The mapping API of SPEC §11 (its own tests: tests/test_mapping_api.py).
+MAPPING_OPERATIONS = [
+    ("PUT", "/v1/users/{user_id}/customer"),
+    ("DELETE", "/v1/users/{user_id}/customer"),
+    ("GET", "/v1/users/{user_id}"),
+]
 # Codes no operation documents: answers for a path or method that has no
 # operation (404, 405), aiohttp's other HTTP errors, and the 499 of a caller
 # that hung up (no body: nobody reads it).
@@ -307,7 +313,11 @@ def _error_responses(doc: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]
 def test_problem_codes_are_a_typed_enum_per_status(document: dict[str, Any]) -> None:
     """What a generated client gets: per status, `code` is a union of string literals."""
     found = _error_responses(document)
-    assert {where for where, _, _ in found} == {f"POST {PATH}", f"POST {WEBHOOK_PATH}"}
+    assert {where for where, _, _ in found} == {
+        f"POST {PATH}",
+        f"POST {WEBHOOK_PATH}",
+        *(f"{method} {path}" for method, path in MAPPING_OPERATIONS),
+    }
     for where, status, response in found:
         problem, code = _problem_and_codes(document, response)
         assert problem["properties"]["code"]["type"] == "string", where

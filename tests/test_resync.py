@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,58 @@ async def test_resync_errors_are_one_line(
     assert no_key[0] == 2
     assert "STRIPE_API_KEY" in no_key[2]
     assert no_args[0] == 2  # argparse: --user or --all is required
+
+
+async def test_resync_keeps_scheduled_cancellations_and_clears_them(
+    database_url: str, standin: Standin, conn: asyncpg.Connection
+) -> None:
+    cancel_at = 1_900_000_000
+    standin.state.seed_subscriptions(
+        [
+            # Classic billing mode: cancel at period end (Stripe fills cancel_at too).
+            {
+                "id": "sub_42a",
+                "customer": "cus_42",
+                "cancel_at": cancel_at,
+                "cancel_at_period_end": True,
+                "items": [_item("si_42a", "price_basic", 3)],
+            },
+            # Flexible billing mode: cancel_at alone.
+            {
+                "id": "sub_42flex",
+                "customer": "cus_42",
+                "cancel_at": cancel_at + 60,
+                "items": [_item("si_42f", "price_basic", 1)],
+            },
+        ]
+    )
+    code, _, err = await _resync(database_url, standin, "--user", "u_42")
+    assert code == 0, err
+    rows = {
+        r["stripe_subscription_id"]: (r["cancel_at"], r["cancel_at_period_end"])
+        for r in await conn.fetch(
+            "SELECT stripe_subscription_id, cancel_at, cancel_at_period_end FROM subscriptions"
+            " WHERE user_id = 'u_42'"
+        )
+    }
+    assert rows == {
+        "sub_42a": (datetime.fromtimestamp(cancel_at, UTC), True),
+        "sub_42flex": (datetime.fromtimestamp(cancel_at + 60, UTC), False),
+    }
+
+    # The customer renewed: Stripe has nothing scheduled any more.
+    standin.state.seed_subscriptions(
+        [{"id": "sub_42a", "customer": "cus_42", "items": [_item("si_42a", "price_basic", 3)]}]
+    )
+    code, _, err = await _resync(database_url, standin, "--user", "u_42")
+    assert code == 0, err
+    row = await conn.fetchrow(
+        "SELECT cancel_at, cancel_at_period_end FROM subscriptions"
+        " WHERE stripe_subscription_id = 'sub_42a'"
+    )
+    assert row is not None
+    assert tuple(row) == (None, False)
+    assert (
+        await conn.fetchval("SELECT count(*) FROM audit_events WHERE action = 'mapping.resync'")
+        == 2
+    )

@@ -35,6 +35,7 @@ from stripe_standin import (
     decode_form,
     mask_api_key,
 )
+from tests.helpers import customer_event
 
 Client = TestClient[web.Request, web.Application]
 Pairs = list[tuple[str, str]]
@@ -1103,3 +1104,462 @@ async def test_module_serves_and_stops_on_sigterm() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# --------------------------------------------------------------------------- customers (issue 13)
+
+CUSTOMERS = "/v1/customers"
+# Keys a Stripe customer object (2025-09-30.clover) has that the service or a
+# reader might look at; the stand-in's customers carry at least these.
+CUSTOMER_KEYS = {
+    "id",
+    "object",
+    "address",
+    "balance",
+    "created",
+    "currency",
+    "default_source",
+    "delinquent",
+    "description",
+    "email",
+    "invoice_prefix",
+    "invoice_settings",
+    "livemode",
+    "metadata",
+    "name",
+    "phone",
+    "preferred_locales",
+    "shipping",
+    "tax_exempt",
+}
+
+
+async def stripe_get(
+    client: Client, path: str, account: str | None = None, **params: str
+) -> tuple[int, Any]:
+    headers = {**AUTH, **({"Stripe-Account": account} if account is not None else {})}
+    async with client.get(path, params=params, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def seed_customers(client: Client, *seeds: dict[str, Any]) -> list[str]:
+    answer = await control(client, "POST", "customers", {"customers": list(seeds)})
+    ids: list[str] = answer["ids"]
+    return ids
+
+
+async def all_customer_ids(client: Client, account: str | None = None, **params: str) -> list[str]:
+    """Page through GET /v1/customers with starting_after, as sync does."""
+    ids: list[str] = []
+    cursor: dict[str, str] = {}
+    for _ in range(1000):  # bounded: a cursor bug must fail, not hang
+        status, page = await stripe_get(client, CUSTOMERS, account, **params, **cursor)
+        assert status == 200, page
+        ids += [customer["id"] for customer in page["data"]]
+        if not page["has_more"]:
+            return ids
+        cursor = {"starting_after": page["data"][-1]["id"]}
+    raise AssertionError("pagination did not end")
+
+
+async def test_customer_list_pages_through_250_newest_first(client: Client) -> None:
+    # Ten customers share each creation second, so the id tie-break matters.
+    seeds = [
+        {
+            "id": f"cus_T{n:03d}",
+            "created": 1_700_000_000 + n // 10,
+            "metadata": {"user_id": f"u{n}"},
+        }
+        for n in range(250)
+    ]
+    assert await seed_customers(client, *seeds) == [seed["id"] for seed in seeds]
+
+    status, page = await stripe_get(client, CUSTOMERS, limit="100")
+    assert status == 200
+    assert (page["object"], page["url"], page["has_more"]) == ("list", "/v1/customers", True)
+    assert len(page["data"]) == 100
+    first = page["data"][0]
+    assert first.keys() >= CUSTOMER_KEYS
+    assert (first["id"], first["object"], first["livemode"]) == ("cus_T249", "customer", False)
+    assert first["metadata"] == {"user_id": "u249"}
+    assert first["created"] == 1_700_000_024
+
+    ids = await all_customer_ids(client, limit="100")
+    expected = sorted(seeds, key=lambda seed: (seed["created"], seed["id"]), reverse=True)
+    assert ids == [seed["id"] for seed in expected]
+    assert len(set(ids)) == 250
+
+    status, page = await stripe_get(client, CUSTOMERS)
+    assert (len(page["data"]), page["has_more"]) == (10, True)  # Stripe's default limit
+    status, page = await stripe_get(client, CUSTOMERS, ending_before="cus_T239", limit="3")
+    assert [c["id"] for c in page["data"]] == ["cus_T242", "cus_T241", "cus_T240"]
+    assert page["has_more"] is True
+    status, page = await stripe_get(client, CUSTOMERS, ending_before="cus_T249")
+    assert (page["data"], page["has_more"]) == ([], False)
+
+
+async def test_customer_seeds_generate_ids_and_filter_by_email(client: Client) -> None:
+    ids = await seed_customers(
+        client,
+        {"email": "ada@example.com", "name": "Ada"},
+        {"email": "Ada@example.com"},
+        {},
+    )
+    assert len(set(ids)) == 3
+    assert all(customer_id.startswith("cus_") for customer_id in ids)
+    status, page = await stripe_get(client, CUSTOMERS, email="ada@example.com")
+    assert status == 200
+    # Stripe's email filter is exact and case-sensitive.
+    assert [(c["id"], c["name"]) for c in page["data"]] == [(ids[0], "Ada")]
+    status, customer = await stripe_get(client, f"{CUSTOMERS}/{ids[2]}")
+    assert (status, customer["email"], customer["metadata"]) == (200, None, {})
+
+
+async def test_deleted_customer_is_not_listed_and_retrieves_as_deleted(client: Client) -> None:
+    await seed_customers(
+        client,
+        {"id": "cus_live", "created": 2, "metadata": {"user_id": "u1"}},
+        {"id": "cus_gone", "created": 1, "deleted": True},
+    )
+    assert await all_customer_ids(client) == ["cus_live"]
+    status, body = await stripe_get(client, f"{CUSTOMERS}/cus_gone")
+    assert (status, body) == (200, {"id": "cus_gone", "object": "customer", "deleted": True})
+    status, body = await stripe_get(client, f"{CUSTOMERS}/cus_live")
+    assert (status, body["id"], body["metadata"]) == (200, "cus_live", {"user_id": "u1"})
+    assert "deleted" not in body
+    # A customer deleted after a page was read still works as that page's cursor.
+    status, page = await stripe_get(client, CUSTOMERS, starting_after="cus_gone")
+    assert (status, page["data"]) == (200, [])
+    # Deleting is re-seeding the same id with deleted: true.
+    await seed_customers(client, {"id": "cus_live", "deleted": True})
+    assert await all_customer_ids(client) == []
+
+
+async def test_unknown_customer_is_a_stripe_404(client: Client) -> None:
+    await seed_customers(client, {"id": "cus_known"})
+    for customer_id in ("cus_nope", "sub_1", "cus_"):
+        status, body = await stripe_get(client, f"{CUSTOMERS}/{customer_id}")
+        assert status == 404
+        error = body["error"]
+        assert error["type"] == "invalid_request_error"
+        assert (error["code"], error["param"]) == ("resource_missing", "id")
+        assert error["message"] == f"No such customer: '{customer_id}'"
+        assert error["doc_url"] == "https://stripe.com/docs/error-codes/resource-missing"
+    # An id declared missing is missing even when seeded.
+    await control(client, "POST", "missing", {"ids": ["cus_known"]})
+    assert (await stripe_get(client, f"{CUSTOMERS}/cus_known"))[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "code", "param"),
+    [
+        (CUSTOMERS, {"colour": "red"}, "parameter_unknown", "colour"),
+        (CUSTOMERS, {"created[gt]": "1"}, "parameter_unknown", "created"),
+        (CUSTOMERS, {"limit": "0"}, "parameter_invalid_integer", "limit"),
+        (CUSTOMERS, {"limit": "101"}, "parameter_invalid_integer", "limit"),
+        (CUSTOMERS, {"limit": "ten"}, "parameter_invalid_integer", "limit"),
+        (CUSTOMERS, {"email": ""}, "parameter_invalid_empty", "email"),
+        (CUSTOMERS, {"limit": ""}, "parameter_invalid_empty", "limit"),
+        (CUSTOMERS, {"starting_after": "cus_nope"}, "resource_missing", "starting_after"),
+        (CUSTOMERS, {"ending_before": "sub_1"}, "resource_missing", "ending_before"),
+        (
+            CUSTOMERS,
+            {"starting_after": "cus_1", "ending_before": "cus_1"},
+            "parameters_exclusive",
+            "ending_before",
+        ),
+        (f"{CUSTOMERS}/cus_1", {"colour": "red"}, "parameter_unknown", "colour"),
+        (f"{CUSTOMERS}/cus_1", {"expand[]": ""}, "parameter_invalid_empty", "expand[0]"),
+    ],
+)
+async def test_customer_rejections(
+    client: Client, path: str, params: dict[str, str], code: str, param: str
+) -> None:
+    await seed_customers(client, {"id": "cus_1"})
+    status, body = await stripe_get(client, path, **params)
+    assert status == 400, body
+    assert (body["error"]["code"], body["error"]["param"]) == (code, param)
+
+
+async def test_customer_endpoints_need_a_key_and_only_get(client: Client) -> None:
+    async with client.get(CUSTOMERS) as resp:
+        assert resp.status == 401
+    async with client.get(f"{CUSTOMERS}/cus_1") as resp:
+        assert resp.status == 401
+    async with client.post(CUSTOMERS, data={"email": "a@example.com"}, headers=AUTH) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["message"].startswith("Unrecognized request URL")
+
+
+async def test_customer_seeds_replace_by_id_list_and_clear(client: Client) -> None:
+    await seed_customers(client, {"id": "cus_1", "email": "old@example.com", "account": "acct_A"})
+    answer = await control(
+        client, "POST", "customers", {"customers": [{"id": "cus_1", "email": "new@example.com"}]}
+    )
+    assert answer == {"seeded": 1, "ids": ["cus_1"], "total": 1}
+    listed = (await control(client, "GET", "customers"))["customers"]
+    assert [(c["id"], c["email"], c["account"]) for c in listed] == [
+        ("cus_1", "new@example.com", None)
+    ]
+    assert await all_customer_ids(client) == ["cus_1"]  # moved back to the platform
+    assert await control(client, "DELETE", "customers") == {"deleted": 1}
+    assert await all_customer_ids(client) == []
+    assert state_of(client).accounts == {}
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        "cus_1",
+        {"id": "sub_1"},
+        {"id": "cus_"},
+        {"id": "cus_1", "created": "now"},
+        {"id": "cus_1", "email": 5},
+        {"id": "cus_1", "metadata": {"user_id": 7}},
+        {"id": "cus_1", "metadata": ["user_id"]},
+        {"id": "cus_1", "metadata": {"k" * 41: "v"}},
+        {"id": "cus_1", "deleted": "yes"},
+        {"id": "cus_1", "livemode": 1},
+        {"id": "cus_1", "account": "acct_"},
+        {"id": "cus_1", "account": "platform"},
+    ],
+)
+async def test_bad_customer_seeds_are_refused(client: Client, seed: object) -> None:
+    # All or none: the good seed before the bad one is not kept either.
+    body = {"customers": [{"id": "cus_ok"}, seed]}
+    async with client.post("/_standin/customers", json=body) as resp:
+        assert resp.status == 400, await resp.text()
+        assert "error" in await resp.json()
+    assert state_of(client).customers == {}
+
+
+async def test_ten_thousand_customers_seed_in_one_call_and_page_quickly(client: Client) -> None:
+    # A guard against quadratic seeding or paging (sync's figures use 10,000 customers),
+    # with a bound loose enough for a loaded machine.
+    started = time.monotonic()
+    seeds = [
+        {"metadata": {"user_id": f"u{n}"}, "created": 1_700_000_000 + n} for n in range(10_000)
+    ]
+    ids = await seed_customers(client, *seeds)
+    assert len(set(ids)) == 10_000
+    listed = await all_customer_ids(client, limit="100")
+    assert listed == ids[::-1]
+    assert time.monotonic() - started < 30
+
+
+def test_customers_can_be_seeded_in_process() -> None:
+    state = StandinState()
+    ids = state.seed_customers([{"email": "a@example.com"}, {"id": "cus_2", "account": "acct_X"}])
+    assert ids[1] == "cus_2"
+    assert state.customers[ids[0]]["email"] == "a@example.com"
+    assert (state.account_of(ids[0]), state.account_of("cus_2")) == (None, "acct_X")
+    with pytest.raises(ControlError):
+        state.seed_customers([{"id": "nope"}])
+    state.reset()
+    assert (state.customers, state.accounts) == ({}, {})
+
+
+# ------------------------------------------------------------------------ Connect (Stripe-Account)
+
+CONNECT_CUSTOMERS = [
+    {"id": "cus_platform", "created": 3},
+    {"id": "cus_onA", "created": 2, "account": "acct_A"},
+    {"id": "cus_onB", "created": 1, "account": "acct_B"},
+]
+
+
+async def test_stripe_account_scopes_customers(client: Client) -> None:
+    await seed_customers(client, *CONNECT_CUSTOMERS)
+    assert await all_customer_ids(client) == ["cus_platform"]
+    assert await all_customer_ids(client, "acct_A") == ["cus_onA"]
+    assert await all_customer_ids(client, "acct_B") == ["cus_onB"]
+    assert await all_customer_ids(client, "acct_C") == []
+
+    status, body = await stripe_get(client, f"{CUSTOMERS}/cus_onA", "acct_A")
+    assert (status, body["id"]) == (200, "cus_onA")
+    for account in (None, "acct_B"):
+        status, body = await stripe_get(client, f"{CUSTOMERS}/cus_onA", account)
+        assert (status, body["error"]["code"], body["error"]["param"]) == (
+            404,
+            "resource_missing",
+            "id",
+        )
+    # Another account's customer is no cursor either.
+    status, body = await stripe_get(client, CUSTOMERS, "acct_A", starting_after="cus_platform")
+    assert (status, body["error"]["code"]) == (400, "resource_missing")
+
+    recorded = state_of(client).requests[-1]
+    assert recorded.stripe_account == "acct_A"
+    assert recorded.headers["Stripe-Account"] == "acct_A"
+    assert recorded.to_json()["stripe_account"] == "acct_A"
+    assert state_of(client).requests[0].stripe_account is None
+
+
+async def test_stripe_account_scopes_subscriptions(client: Client) -> None:
+    await control(
+        client,
+        "POST",
+        "subscriptions",
+        {
+            "subscriptions": [
+                {"id": "sub_platform", "customer": "cus_platform", "created": 3},
+                {"id": "sub_onA", "customer": "cus_onA", "created": 2, "account": "acct_A"},
+            ]
+        },
+    )
+    _, page = await stripe_get(client, "/v1/subscriptions", status="all")
+    assert [s["id"] for s in page["data"]] == ["sub_platform"]
+    _, page = await stripe_get(client, "/v1/subscriptions", "acct_A", customer="cus_onA")
+    assert [s["id"] for s in page["data"]] == ["sub_onA"]
+    assert "account" not in page["data"][0]  # not a field of Stripe's object
+    _, page = await stripe_get(client, "/v1/subscriptions", "acct_B")
+    assert page["data"] == []
+    # A customer seeded on another account is "no such customer" as a filter.
+    await seed_customers(client, *CONNECT_CUSTOMERS)
+    status, body = await stripe_get(client, "/v1/subscriptions", customer="cus_onA")
+    assert (status, body["error"]["code"], body["error"]["param"]) == (
+        400,
+        "resource_missing",
+        "customer",
+    )
+
+
+async def test_stripe_account_scopes_portal_sessions(client: Client) -> None:
+    await seed_customers(client, *CONNECT_CUSTOMERS)
+    await control(
+        client,
+        "POST",
+        "subscriptions",
+        {"subscriptions": [{"id": "sub_onA", "customer": "cus_onA", "account": "acct_A"}]},
+    )
+    cancel = [
+        ("flow_data[type]", "subscription_cancel"),
+        ("flow_data[subscription_cancel][subscription]", "sub_onA"),
+    ]
+    status, body, _ = await post_session(
+        client, [("customer", "cus_onA"), *cancel], {"Stripe-Account": "acct_A"}
+    )
+    assert (status, body["customer"]) == (200, "cus_onA")
+    assert state_of(client).requests[-1].stripe_account == "acct_A"
+
+    for headers in ({}, {"Stripe-Account": "acct_B"}):
+        status, body, _ = await post_session(client, [("customer", "cus_onA")], headers)
+        assert status == 400
+        assert (body["error"]["code"], body["error"]["param"]) == ("resource_missing", "customer")
+        assert body["error"]["message"] == "No such customer: 'cus_onA'"
+    # The platform's customer is unknown on a connected account, and vice versa.
+    status, body, _ = await post_session(
+        client, [("customer", "cus_platform")], {"Stripe-Account": "acct_A"}
+    )
+    assert (status, body["error"]["param"]) == (400, "customer")
+    status, body, _ = await post_session(client, [("customer", "cus_platform"), *cancel])
+    assert (status, body["error"]["param"]) == (400, "flow_data[subscription_cancel][subscription]")
+    # A deleted customer gets no session; a customer never seeded still does.
+    await seed_customers(client, {"id": "cus_platform", "deleted": True})
+    assert (await post_session(client, [("customer", "cus_platform")]))[0] == 400
+    assert (await post_session(client, [("customer", "cus_unseeded")]))[0] == 200
+
+
+async def test_idempotency_keys_are_scoped_per_account(client: Client) -> None:
+    key = {"Idempotency-Key": "same-key"}
+    first = await post_session(client, list(BASE), {**key, "Stripe-Account": "acct_A"})
+    other = await post_session(client, list(BASE), {**key, "Stripe-Account": "acct_B"})
+    replay = await post_session(client, list(BASE), {**key, "Stripe-Account": "acct_A"})
+    assert first[0] == other[0] == replay[0] == 200
+    assert first[1]["id"] != other[1]["id"]
+    assert (replay[1]["id"], replay[2]["Idempotent-Replayed"]) == (first[1]["id"], "true")
+    assert "Idempotent-Replayed" not in other[2]
+
+
+@pytest.mark.parametrize("account", ["acct_", "bogus", "cus_1", " ", "acct_gone"])
+async def test_unusable_stripe_account_is_refused(client: Client, account: str) -> None:
+    await control(client, "POST", "missing", {"ids": ["acct_gone"]})
+    status, body = await stripe_get(client, CUSTOMERS, account)
+    assert status == 403
+    error = body["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "account_invalid")
+    assert error["message"] == (
+        f"The provided key '{mask_api_key(KEY)}' does not have access to "
+        f"account '{account.strip()}' (or that account does not exist). "
+        "Application access may have been revoked."
+    )
+    # The key is checked first: no key, 401 whatever the account.
+    async with client.get(CUSTOMERS, headers={"Stripe-Account": account}) as resp:
+        assert resp.status == 401
+
+
+# ------------------------------------------------------------------------ scheduled cancellations
+
+
+async def test_subscriptions_carry_cancel_at_and_cancel_at_period_end(client: Client) -> None:
+    await control(
+        client,
+        "POST",
+        "subscriptions",
+        {
+            "subscriptions": [
+                {"id": "sub_plain", "customer": "cus_A", "created": 3},
+                # Flexible billing mode: "cancel at period end" sets only cancel_at.
+                {"id": "sub_flex", "customer": "cus_A", "created": 2, "cancel_at": 1_800_000_000},
+                {
+                    "id": "sub_classic",
+                    "customer": "cus_A",
+                    "created": 1,
+                    "cancel_at_period_end": True,
+                },
+            ]
+        },
+    )
+    _, page = await stripe_get(client, "/v1/subscriptions", customer="cus_A", status="all")
+    assert [(s["id"], s["cancel_at"], s["cancel_at_period_end"]) for s in page["data"]] == [
+        ("sub_plain", None, False),
+        ("sub_flex", 1_800_000_000, False),
+        ("sub_classic", None, True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        {"id": "sub_1", "customer": "cus_A", "cancel_at": "soon"},
+        {"id": "sub_1", "customer": "cus_A", "cancel_at": True},
+        {"id": "sub_1", "customer": "cus_A", "cancel_at_period_end": "true"},
+        {"id": "sub_1", "customer": "cus_A", "account": "acct_"},
+    ],
+)
+async def test_bad_cancellation_or_account_seeds_are_refused(
+    client: Client, seed: dict[str, Any]
+) -> None:
+    async with client.post("/_standin/subscriptions", json={"subscriptions": [seed]}) as resp:
+        assert resp.status == 400
+    assert state_of(client).subscriptions == {}
+
+
+# --------------------------------------------------------------------------- customer events
+
+
+def test_customer_event_helper_builds_connect_events() -> None:
+    state = StandinState()
+    (customer_id,) = state.seed_customers([{"metadata": {"user_id": "u1"}, "account": "acct_A"}])
+    customer = state.customers[customer_id]
+    event = customer_event(
+        "customer.updated",
+        customer,
+        1_700_000_000,
+        account="acct_A",
+        previous_attributes={"metadata": {"user_id": None}},
+    )
+    assert (event["object"], event["type"], event["created"]) == (
+        "event",
+        "customer.updated",
+        1_700_000_000,
+    )
+    assert event["account"] == "acct_A"
+    assert event["data"] == {
+        "object": customer,
+        "previous_attributes": {"metadata": {"user_id": None}},
+    }
+    platform = customer_event("customer.created", customer, 1_700_000_001)
+    assert "account" not in platform
+    assert "previous_attributes" not in platform["data"]
+    assert platform["id"] != event["id"]

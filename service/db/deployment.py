@@ -60,3 +60,12 @@ async def record_mode(db: Database, livemode: bool) -> bool:
         row = await db.fetchrow("record_mode", RECORD_MODE, livemode)
     assert row is not None
     return bool(row["livemode"])
+
+
+READ_MODE = "SELECT livemode FROM deployment"
+
+
+async def read_mode(db: Database) -> bool | None:
+    """The mode the database maps, None before anything recorded it (a read-only check)."""
+    row = await db.fetchrow("read_mode", READ_MODE)
+    return None if row is None else bool(row["livemode"])

@@ -7,6 +7,8 @@ more and is purged (SPEC §6).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from service.db.pool import Connection, Database
@@ -39,6 +41,43 @@ async def claim_event(
 async def finish_event(conn: Connection, event_id: str, result: str) -> None:
     """Store what applying the event did."""
     await conn.execute(FINISH_EVENT, event_id, result)
+
+
+# The newest fact about a customer that an earlier delivery already decided
+# on: what orders a metadata event, even after the mapping it made is gone
+# (ix__stripe_events__customer_created). $4: the event being decided (NULL for none).
+NEWEST_CUSTOMER_FACT = """
+SELECT max(created) AS created, coalesce(bool_or(type = $5::text), false) AS deleted
+FROM stripe_events
+WHERE customer = $1 AND type = ANY($2::text[]) AND result = ANY($3::text[])
+  AND id IS DISTINCT FROM $4::text
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerFact:
+    """The newest decided event about a customer, and whether any said it was deleted."""
+
+    created: datetime
+    deleted: bool
+
+
+async def newest_customer_fact(
+    conn: Connection,
+    customer: str,
+    *,
+    types: Sequence[str],
+    results: Sequence[str],
+    deletion_type: str,
+    excluding: str | None,
+) -> CustomerFact | None:
+    """The newest event of ``types`` about ``customer`` that ended in one of ``results``."""
+    row = await conn.fetchrow(
+        NEWEST_CUSTOMER_FACT, customer, list(types), list(results), excluding, deletion_type
+    )
+    if row is None or row["created"] is None:
+        return None
+    return CustomerFact(row["created"], row["deleted"])
 
 
 # By our receipt time, not Stripe's `created`: a redelivery is received again.

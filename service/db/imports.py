@@ -36,6 +36,8 @@ class CustomerRow:
     stripe_account_id: str | None
     portal: str | None
     locale: str | None
+    # Connect: the account the customer lives on (SPEC §11); None: the platform.
+    connected_account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,24 +224,34 @@ async def external_ref_owners(
 
 # --- upserts ---------------------------------------------------------------
 
-# A re-imported mapping that changes the Stripe id clears the stale mark (the
-# new id has not been refused by Stripe); an unchanged id keeps it.
+# A re-imported mapping that changes the Stripe id (or the account it lives on)
+# clears the stale mark (the new id has not been refused by Stripe); an
+# unchanged one keeps it. An import is an explicit mapping (SPEC §11): it wins
+# over metadata, and its fact is the write itself. A file without the
+# connected_account column maps its customers on the platform account.
 UPSERT_CUSTOMERS = Upsert(
     """
-INSERT INTO customers AS c (user_id, stripe_customer_id, stripe_account_id, portal, locale)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+INSERT INTO customers AS c (
+    user_id, stripe_customer_id, stripe_account_id, portal, locale, connected_account,
+    source, source_at)
+SELECT t.*, 'import', now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS t
 ON CONFLICT (user_id) DO UPDATE SET
     stripe_customer_id = EXCLUDED.stripe_customer_id,
     stripe_account_id = EXCLUDED.stripe_account_id,
     portal = EXCLUDED.portal,
     locale = EXCLUDED.locale,
+    connected_account = EXCLUDED.connected_account,
+    source = EXCLUDED.source,
+    source_at = EXCLUDED.source_at,
     stale_at = CASE
         WHEN c.stripe_customer_id IS NOT DISTINCT FROM EXCLUDED.stripe_customer_id
          AND c.stripe_account_id IS NOT DISTINCT FROM EXCLUDED.stripe_account_id
+         AND c.connected_account IS NOT DISTINCT FROM EXCLUDED.connected_account
         THEN c.stale_at END,
     updated_at = now()
 """,
-    ("user_id", "stripe_customer_id", "stripe_account_id", "portal", "locale"),
+    ("user_id", "stripe_customer_id", "stripe_account_id", "portal", "locale", "connected_account"),
 )
 
 

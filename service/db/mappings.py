@@ -11,6 +11,7 @@ the caller's transaction on it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,7 +20,8 @@ import asyncpg
 from service.db.pool import Connection, Database
 from service.domain import SubscriptionState
 
-# The owner is found through the unique customer (or Accounts v2 account) id.
+# The owner is found through the unique customer (or Accounts v2 account) id,
+# on the event's Connect account ($13; NULL: the platform's own customers).
 # With no owner nothing is inserted and no row comes back: an unknown customer.
 # A deletion applies once, whatever its time (deletion is final in Stripe);
 # anything else applies only to a row that is not deleted and whose last
@@ -27,15 +29,18 @@ from service.domain import SubscriptionState
 # later delivery wins, except a `created` event, which is always a first state.
 APPLY_SUBSCRIPTION = """
 WITH owner AS (
-    SELECT user_id FROM customers WHERE stripe_customer_id = $2::text
+    SELECT user_id FROM customers
+    WHERE stripe_customer_id = $2::text AND connected_account IS NOT DISTINCT FROM $13::text
     UNION ALL
-    SELECT user_id FROM customers WHERE stripe_account_id = $3::text
+    SELECT user_id FROM customers
+    WHERE stripe_account_id = $3::text AND connected_account IS NOT DISTINCT FROM $13::text
     LIMIT 1
 ), applied AS (
     INSERT INTO subscriptions AS s (
         stripe_subscription_id, user_id, status, item_id, price_id, quantity,
-        last_event_at, deleted_at, stale_at, updated_at)
+        cancel_at, cancel_at_period_end, last_event_at, deleted_at, stale_at, updated_at)
     SELECT $1::text, owner.user_id, $4::text, $5::text, $6::text, $7::integer,
+           $11::timestamptz, $12::boolean,
            $8::timestamptz, CASE WHEN $9::boolean THEN $8::timestamptz END, NULL, now()
     FROM owner
     ON CONFLICT (stripe_subscription_id) DO UPDATE SET
@@ -46,6 +51,8 @@ WITH owner AS (
         item_id = EXCLUDED.item_id,
         price_id = EXCLUDED.price_id,
         quantity = EXCLUDED.quantity,
+        cancel_at = EXCLUDED.cancel_at,
+        cancel_at_period_end = EXCLUDED.cancel_at_period_end,
         last_event_at = greatest(s.last_event_at, EXCLUDED.last_event_at),
         deleted_at = EXCLUDED.deleted_at,
         stale_at = NULL,
@@ -79,8 +86,13 @@ async def apply_subscription(
     *,
     deletion: bool,
     creation: bool,
+    connected_account: str | None,
 ) -> Applied:
-    """Upsert the subscription if the event is newer than what the row holds."""
+    """Upsert the subscription if the event is newer than what the row holds.
+
+    Only a customer mapped on ``connected_account`` (None: the platform) owns it:
+    an event from one Connect account never touches another's mappings.
+    """
     row = await conn.fetchrow(
         APPLY_SUBSCRIPTION,
         sub.id,
@@ -93,6 +105,9 @@ async def apply_subscription(
         event_time,
         deletion,
         creation,
+        sub.cancel_at,
+        sub.cancel_at_period_end,
+        connected_account,
     )
     if row is None:
         return Applied(None, applied=False, inserted=False, external_ref=None)
@@ -105,10 +120,11 @@ async def apply_subscription(
     )
 
 
-# The subquery sees the rows the cascade is about to delete.
+# The subquery sees the rows the cascade is about to delete. Only a mapping on
+# the event's Connect account ($2; NULL: the platform) is the event's to delete.
 DELETE_CUSTOMER = """
 DELETE FROM customers c
-WHERE c.stripe_customer_id = $1
+WHERE c.stripe_customer_id = $1 AND c.connected_account IS NOT DISTINCT FROM $2
 RETURNING c.user_id, ARRAY(
     SELECT s.stripe_subscription_id FROM subscriptions s
     WHERE s.user_id = c.user_id ORDER BY s.stripe_subscription_id) AS subscriptions
@@ -116,10 +132,10 @@ RETURNING c.user_id, ARRAY(
 
 
 async def delete_customer(
-    conn: Connection, stripe_customer_id: str
+    conn: Connection, stripe_customer_id: str, *, connected_account: str | None
 ) -> tuple[str, list[str]] | None:
-    """Remove the customer mapping (and, by cascade, its subscriptions)."""
-    row = await conn.fetchrow(DELETE_CUSTOMER, stripe_customer_id)
+    """Remove the customer mapping on ``connected_account`` (and, by cascade, its subscriptions)."""
+    row = await conn.fetchrow(DELETE_CUSTOMER, stripe_customer_id, connected_account)
     if row is None:
         return None
     return row["user_id"], list(row["subscriptions"])
@@ -158,21 +174,29 @@ class CustomerMapping:
     user_id: str
     stripe_customer_id: str | None
     stripe_account_id: str | None
+    # Connect: the account the customer lives on (every Stripe call about it says so).
+    connected_account: str | None = None
 
 
 FIND_CUSTOMER = """
-SELECT user_id, stripe_customer_id, stripe_account_id FROM customers WHERE user_id = $1
+SELECT user_id, stripe_customer_id, stripe_account_id, connected_account
+FROM customers WHERE user_id = $1
 """
 
 # Keyset pagination over the primary key: `resync --all` never holds a big result.
 CUSTOMERS_AFTER = """
-SELECT user_id, stripe_customer_id, stripe_account_id FROM customers
+SELECT user_id, stripe_customer_id, stripe_account_id, connected_account FROM customers
 WHERE user_id > $1 ORDER BY user_id LIMIT $2
 """
 
 
 def _customer(row: asyncpg.Record) -> CustomerMapping:
-    return CustomerMapping(row["user_id"], row["stripe_customer_id"], row["stripe_account_id"])
+    return CustomerMapping(
+        row["user_id"],
+        row["stripe_customer_id"],
+        row["stripe_account_id"],
+        row["connected_account"],
+    )
 
 
 async def find_customer(conn: Connection, user_id: str) -> CustomerMapping | None:
@@ -186,10 +210,12 @@ async def customers_after(conn: Connection, after: str, limit: int) -> list[Cust
     return [_customer(r) for r in await conn.fetch(CUSTOMERS_AFTER, after, limit)]
 
 
-# Serialises rewrites of one user and checks the mapping did not change while
-# Stripe was being read.
+# Serialises rewrites of one user and checks the mapping (customer and the
+# account it lives on) did not change while Stripe was being read.
 LOCK_CUSTOMER = """
-SELECT true FROM customers WHERE user_id = $1 AND stripe_customer_id = $2 FOR UPDATE
+SELECT true FROM customers
+WHERE user_id = $1 AND stripe_customer_id = $2 AND connected_account IS NOT DISTINCT FROM $3
+FOR UPDATE
 """
 
 # Stripe's answer read at $7 is the truth, except for rows an event newer than
@@ -197,12 +223,14 @@ SELECT true FROM customers WHERE user_id = $1 AND stripe_customer_id = $2 FOR UP
 RESYNC_UPSERT = """
 INSERT INTO subscriptions AS s (
     stripe_subscription_id, user_id, status, item_id, price_id, quantity,
-    last_event_at, deleted_at, stale_at, updated_at)
-SELECT t.id, $1::text, t.status, t.item_id, t.price_id, t.quantity, $7::timestamptz,
+    cancel_at, cancel_at_period_end, last_event_at, deleted_at, stale_at, updated_at)
+SELECT t.id, $1::text, t.status, t.item_id, t.price_id, t.quantity,
+       t.cancel_at, t.cancel_at_period_end, $7::timestamptz,
        CASE WHEN t.status IN ('canceled', 'incomplete_expired') THEN $7::timestamptz END,
        NULL, now()
-FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::integer[])
-    AS t(id, status, item_id, price_id, quantity)
+FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::integer[],
+            $8::timestamptz[], $9::boolean[])
+    AS t(id, status, item_id, price_id, quantity, cancel_at, cancel_at_period_end)
 ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     user_id = EXCLUDED.user_id,
     external_ref = CASE WHEN s.user_id = EXCLUDED.user_id THEN s.external_ref END,
@@ -210,6 +238,8 @@ ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     item_id = EXCLUDED.item_id,
     price_id = EXCLUDED.price_id,
     quantity = EXCLUDED.quantity,
+    cancel_at = EXCLUDED.cancel_at,
+    cancel_at_period_end = EXCLUDED.cancel_at_period_end,
     last_event_at = EXCLUDED.last_event_at,
     deleted_at = CASE WHEN EXCLUDED.deleted_at IS NOT NULL
                       THEN coalesce(s.deleted_at, EXCLUDED.deleted_at) END,
@@ -248,7 +278,9 @@ async def rewrite_subscriptions(
 ) -> Rewritten | None:
     """Make the user's rows what Stripe listed at ``read_at``; None if the mapping moved."""
     assert customer.stripe_customer_id is not None
-    locked = await conn.fetchval(LOCK_CUSTOMER, customer.user_id, customer.stripe_customer_id)
+    locked = await conn.fetchval(
+        LOCK_CUSTOMER, customer.user_id, customer.stripe_customer_id, customer.connected_account
+    )
     if not locked:
         return None
     ids = [s.id for s in subs]
@@ -261,6 +293,8 @@ async def rewrite_subscriptions(
         [s.price_id for s in subs],
         [s.quantity for s in subs],
         read_at,
+        [s.cancel_at for s in subs],
+        [s.cancel_at_period_end for s in subs],
     )
     removed = await conn.fetch(RESYNC_REMOVE, customer.user_id, ids, read_at)
     await conn.execute(CLEAR_CUSTOMER_STALE, customer.user_id)
@@ -268,3 +302,154 @@ async def rewrite_subscriptions(
         written=[r["stripe_subscription_id"] for r in written],
         removed=sorted(r["stripe_subscription_id"] for r in removed),
     )
+
+
+# --- links by Stripe metadata (SPEC §11) -------------------------------------
+#
+# The decision (link, re-link, unlink, conflict) is service/linking.py's; these
+# statements read and write the rows it decides about. Every write is guarded
+# by `source = 'stripe_metadata'`: metadata never changes an explicit mapping,
+# whatever the caller decided.
+
+SOURCE_METADATA = "stripe_metadata"
+
+# Facts about one customer, or naming one user, are decided one at a time
+# across replicas: a decision reads the mappings and the newest fact about the
+# customer, then writes, and two facts deciding at once could both link one
+# customer (or one user). Transaction-scoped advisory locks, one per customer
+# and per user, taken in one global order (so two facts never wait on each
+# other) in one round trip; facts about other customers and users go on in parallel.
+LOCK_STATEMENT = "SELECT pg_advisory_xact_lock({key})"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkedMapping:
+    """A customer mapping as the metadata rules see it."""
+
+    user_id: str
+    stripe_customer_id: str | None
+    stripe_account_id: str | None
+    source: str
+    source_at: datetime
+    connected_account: str | None
+
+
+# The mapping that holds the customer and the user's own (one row when they
+# are the same), locked until the decision is written.
+LINK_CANDIDATES = """
+SELECT user_id, stripe_customer_id, stripe_account_id, source, source_at, connected_account
+FROM customers WHERE stripe_customer_id = $1 OR user_id = $2
+FOR UPDATE
+"""
+
+INSERT_METADATA_LINK = """
+INSERT INTO customers (user_id, stripe_customer_id, source, source_at, connected_account)
+VALUES ($1, $2, 'stripe_metadata', $3, $4)
+"""
+
+# A re-link points the user at another customer: the old customer's
+# subscriptions are not the new one's, so they go (the backfill brings the new ones).
+RELINK_METADATA = """
+WITH moved AS (
+    UPDATE customers SET stripe_customer_id = $2, stripe_account_id = NULL, source_at = $3,
+                         connected_account = $4, stale_at = NULL, updated_at = now()
+    WHERE user_id = $1 AND source = 'stripe_metadata'
+    RETURNING user_id
+), gone AS (
+    DELETE FROM subscriptions s USING moved WHERE s.user_id = moved.user_id
+    RETURNING s.stripe_subscription_id
+)
+SELECT EXISTS (SELECT 1 FROM moved) AS moved,
+       ARRAY(SELECT stripe_subscription_id FROM gone ORDER BY 1) AS subscriptions
+"""
+
+# The subquery sees the rows the cascade is about to delete.
+UNLINK_METADATA = """
+DELETE FROM customers c
+WHERE c.user_id = $1 AND c.stripe_customer_id = $2 AND c.source = 'stripe_metadata'
+RETURNING ARRAY(
+    SELECT s.stripe_subscription_id FROM subscriptions s
+    WHERE s.user_id = c.user_id ORDER BY s.stripe_subscription_id) AS subscriptions
+"""
+
+# The same fact seen again, later: the row records the newest time it was true.
+CONFIRM_METADATA_LINK = """
+UPDATE customers SET source_at = greatest(source_at, $2)
+WHERE user_id = $1 AND source = 'stripe_metadata'
+"""
+
+
+def _lock_key(kind: str, value: str) -> int:
+    """A stable signed 64-bit advisory-lock key (the same on every replica)."""
+    digest = hashlib.blake2b(f"portal-gateway:{kind}:{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def lock_links(conn: Connection, stripe_customer_id: str, user_id: str | None) -> None:
+    """Wait for (then hold until commit) the right to decide a fact about this customer and user."""
+    keys = {_lock_key("customer", stripe_customer_id)}
+    if user_id is not None:
+        keys.add(_lock_key("user", user_id))
+    # Integers only, so inlined: a simple query runs its statements in order.
+    await conn.execute("; ".join(LOCK_STATEMENT.format(key=key) for key in sorted(keys)))
+
+
+async def link_candidates(
+    conn: Connection, stripe_customer_id: str, user_id: str | None
+) -> list[LinkedMapping]:
+    """The mapping holding the customer and the user's mapping, locked FOR UPDATE."""
+    rows = await conn.fetch(LINK_CANDIDATES, stripe_customer_id, user_id)
+    return [
+        LinkedMapping(
+            r["user_id"],
+            r["stripe_customer_id"],
+            r["stripe_account_id"],
+            r["source"],
+            r["source_at"],
+            r["connected_account"],
+        )
+        for r in rows
+    ]
+
+
+async def insert_metadata_link(
+    conn: Connection,
+    user_id: str,
+    stripe_customer_id: str,
+    *,
+    source_at: datetime,
+    connected_account: str | None,
+) -> None:
+    """Give a user without a mapping this customer, sourced from metadata."""
+    await conn.execute(
+        INSERT_METADATA_LINK, user_id, stripe_customer_id, source_at, connected_account
+    )
+
+
+async def relink_metadata(
+    conn: Connection,
+    user_id: str,
+    stripe_customer_id: str,
+    *,
+    source_at: datetime,
+    connected_account: str | None,
+) -> list[str] | None:
+    """Point a metadata mapping at another customer; the subscriptions removed, None if none."""
+    row = await conn.fetchrow(
+        RELINK_METADATA, user_id, stripe_customer_id, source_at, connected_account
+    )
+    assert row is not None  # SELECT without FROM: always one row
+    return list(row["subscriptions"]) if row["moved"] else None
+
+
+async def unlink_metadata(
+    conn: Connection, user_id: str, stripe_customer_id: str
+) -> list[str] | None:
+    """Delete a metadata mapping and its subscriptions; their ids, None if there was none."""
+    row = await conn.fetchrow(UNLINK_METADATA, user_id, stripe_customer_id)
+    return None if row is None else list(row["subscriptions"])
+
+
+async def confirm_metadata_link(conn: Connection, user_id: str, source_at: datetime) -> None:
+    """Record that a metadata mapping was still true at ``source_at``."""
+    await conn.execute(CONFIRM_METADATA_LINK, user_id, source_at)

@@ -17,7 +17,7 @@ from service.db.pool import Database
 _RESOLVE_SELECT = """
 SELECT
     c.user_id IS NOT NULL AS customer_found,
-    c.stripe_customer_id, c.stripe_account_id, c.locale AS customer_locale,
+    c.stripe_customer_id, c.stripe_account_id, c.connected_account, c.locale AS customer_locale,
     c.stale_at IS NOT NULL AS customer_stale, c.portal AS customer_portal,
     prof.name AS profile_name, prof.configuration_id, prof.on_behalf_of,
     prof.default_return_url, prof.self_serve AS profile_self_serve,

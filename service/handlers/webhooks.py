@@ -76,7 +76,7 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
     payload = await read_request_body(request, BODY_LIMIT)
     app = request.app
     receipt = await receive(
-        WebhookDeps(app[keys.SETTINGS], app[keys.DB], app[keys.METRICS]),
+        WebhookDeps(app[keys.SETTINGS], app[keys.DB], app[keys.METRICS], app.get(keys.BACKFILLER)),
         payload,
         request.headers.get("Stripe-Signature"),
         request_id=request[keys.REQUEST_ID],

@@ -7,7 +7,13 @@ send loop every call goes through).
 """
 
 from service.stripe.breaker import CircuitBreaker
-from service.stripe.client import PortalSession, StripeClient
+from service.stripe.client import CustomerPage, PortalSession, StripeClient
 from service.stripe.errors import upstream_error_code
 
-__all__ = ["CircuitBreaker", "PortalSession", "StripeClient", "upstream_error_code"]
+__all__ = [
+    "CircuitBreaker",
+    "CustomerPage",
+    "PortalSession",
+    "StripeClient",
+    "upstream_error_code",
+]

@@ -12,8 +12,9 @@ method naming its path, params and the object it expects.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +34,14 @@ from service.version import USER_AGENT
 
 SESSIONS_PATH = "/v1/billing_portal/sessions"
 SUBSCRIPTIONS_PATH = "/v1/subscriptions"
+CUSTOMERS_PATH = "/v1/customers"
 # Stripe's largest page for list endpoints.
 LIST_PAGE_SIZE = 100
 # A portal session is about 1 KiB of JSON and a page of 100 subscriptions a few
 # hundred; a body far larger than that is not Stripe's, and is not buffered whole.
 MAX_RESPONSE_BYTES = 1024 * 1024
+# What may stand in a customer id that becomes a path segment of the URL.
+_CUSTOMER_ID = re.compile(r"cus_[A-Za-z0-9_]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,14 @@ class PortalSession:
     return_url: str | None
     request_id: str | None
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerPage:
+    """One page of ``GET /v1/customers``: the customers, and whether more follow."""
+
+    data: list[dict[str, Any]]
+    has_more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,11 @@ def _is_session(body: dict[str, Any]) -> bool:
     )
 
 
+def _is_customer(body: dict[str, Any]) -> bool:
+    customer_id = body.get("id")
+    return isinstance(customer_id, str) and customer_id.startswith("cus_")
+
+
 def _is_list(body: dict[str, Any]) -> bool:
     data = body.get("data")
     return isinstance(data, list) and all(
@@ -106,13 +123,20 @@ class StripeClient:
     """Calls Stripe over the application's one aiohttp ClientSession."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, settings: Settings, metrics: Metrics | None
+        self,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        metrics: Metrics | None,
+        *,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``pace``, if given, is awaited before every HTTP exchange (a rate cap)."""
         if settings.stripe_api_key is None:
             raise ValueError("STRIPE_API_KEY is required to call Stripe")
         self._session = session
         self._settings = settings
         self._metrics = metrics
+        self._pace = pace
         self._headers = {
             "Authorization": f"Bearer {settings.stripe_api_key.reveal()}",
             "Stripe-Version": settings.stripe_api_version,
@@ -183,6 +207,54 @@ class StripeClient:
             SUBSCRIPTIONS_PATH, {"customer": customer, "status": "all"}, stripe_account
         )
 
+    async def retrieve_customer(
+        self, customer_id: str, *, stripe_account: str | None = None
+    ) -> dict[str, Any]:
+        """``GET /v1/customers/{id}``; a deleted customer comes back with ``deleted: true``.
+
+        An id Stripe does not know is an ``upstream_rejected`` error whose
+        upstream code is ``resource_missing``.
+        """
+        # The id is a path segment: only an id's characters may reach the URL.
+        if _CUSTOMER_ID.fullmatch(customer_id) is None:
+            raise ValueError(f"not a customer id: {customer_id!r}")
+        reply = await self._send(
+            Outbound(
+                "GET",
+                f"{CUSTOMERS_PATH}/{customer_id}",
+                {},
+                expect="customer",
+                valid=_is_customer,
+                deadline=self.deadline_from_now(),
+                stripe_account=stripe_account,
+            )
+        )
+        return reply.body
+
+    async def list_customers_page(
+        self,
+        *,
+        starting_after: str | None = None,
+        limit: int = LIST_PAGE_SIZE,
+        stripe_account: str | None = None,
+    ) -> CustomerPage:
+        """One page of ``GET /v1/customers`` (newest first), after ``starting_after``."""
+        query: dict[str, Any] = {"limit": limit}
+        if starting_after is not None:
+            query["starting_after"] = starting_after
+        reply = await self._send(
+            Outbound(
+                "GET",
+                CUSTOMERS_PATH,
+                query,
+                expect="list",
+                valid=_is_list,
+                deadline=self.deadline_from_now(),
+                stripe_account=stripe_account,
+            )
+        )
+        return CustomerPage(reply.body["data"], reply.body.get("has_more") is True)
+
     # --- the send loop ---------------------------------------------------------
 
     async def _list_all(
@@ -243,6 +315,10 @@ class StripeClient:
         attempt_no = 0
         last: Attempt | None = None
         while True:
+            if self._pace is not None:
+                # A tool's upstream budget (service/pacing.py); the wait counts
+                # against the call's deadline like any other.
+                await self._pace()
             remaining = call.deadline - loop.time()
             if remaining <= 0:
                 raise final_error(last, retryable=True, expected=call.expect)
