@@ -21,6 +21,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -102,6 +103,17 @@ class Actor:
     principal_type: str
     principal_id: str
     request_id: str | None = None
+
+    def audit_event(self, action: str, user_id: str, **decided: Any) -> AuditEvent:
+        """An audit event of this actor about ``user_id`` (a fresh request id if none)."""
+        return AuditEvent(
+            request_id=self.request_id or uuid.uuid4().hex,
+            principal_type=self.principal_type,
+            principal_id=self.principal_id,
+            action=action,
+            user_id=user_id,
+            **decided,
+        )
 
 
 # The app's own background backfills (after a webhook linked a user).
@@ -216,19 +228,13 @@ async def _rewrite(
         }
         if customer.connected_account is not None:
             detail["stripe_account"] = customer.connected_account
-        await audit.emit(
-            conn,
-            metrics,
-            AuditEvent(
-                request_id=actor.request_id or uuid.uuid4().hex,
-                principal_type=actor.principal_type,
-                principal_id=actor.principal_id,
-                action=action,
-                user_id=user_id,
-                outcome="applied",
-                http_status=200,
-                stripe_customer_id=customer.stripe_customer_id,
-                detail=detail,
-            ),
+        event = actor.audit_event(
+            action,
+            user_id,
+            outcome="applied",
+            http_status=200,
+            stripe_customer_id=customer.stripe_customer_id,
+            detail=detail,
         )
+        await audit.emit(conn, metrics, event)
     return rewritten

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 
 import structlog
 
 from service import audit
-from service.audit import ACTION_MAPPING_BACKFILL, AuditEvent
+from service.audit import ACTION_MAPPING_BACKFILL
 from service.backfill import BACKGROUND, Actor, BackfillError, NoCustomerMapping, backfill
 from service.db.pool import Database
 from service.errors import ServiceError
@@ -164,12 +163,9 @@ class Backfiller:
             detail=str(exc),
             exc_info=not isinstance(exc, BackfillError | ServiceError),
         )
-        event = AuditEvent(
-            request_id=actor.request_id or uuid.uuid4().hex,
-            principal_type=actor.principal_type,
-            principal_id=actor.principal_id,
-            action=ACTION_MAPPING_BACKFILL,
-            user_id=user_id,
+        event = actor.audit_event(
+            ACTION_MAPPING_BACKFILL,
+            user_id,
             outcome="failed",
             http_status=exc.status if isinstance(exc, ServiceError) else 500,
             error_code=error_code,

@@ -29,6 +29,9 @@ FLOW_FIELDS: dict[str, frozenset[str]] = {
     "subscription_update_confirm": frozenset({"subscription", "plan", "quantity", "discount"}),
 }
 
+# Where a customer mapping comes from (SPEC §11); explicit sources win over metadata.
+MAPPING_SOURCES = ("import", "api", "stripe_metadata")
+
 # Stripe's subscription statuses (the schema's check constraint lists the same).
 SUBSCRIPTION_STATUSES = (
     "incomplete",

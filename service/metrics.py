@@ -30,6 +30,7 @@ from prometheus_client import (
     process_collector as _process,
 )
 
+from service.domain import MAPPING_SOURCES
 from service.errors import CODES_BY_STATUS
 from service.version import VERSION
 
@@ -48,7 +49,6 @@ SESSION_ERROR_CODES = tuple(code for codes in CODES_BY_STATUS.values() for code 
 AUDIT_OUTCOMES = ("created", "refused", "failed", "abandoned", "unauthenticated", "write_failed")
 # Where a customer mapping comes from (SPEC §11; the `customers.source` column),
 # and what a source's fact did to it.
-MAPPING_SOURCES = ("import", "api", "stripe_metadata")
 MAPPING_CHANGES = ("linked", "relinked", "unlinked", "unchanged")
 
 

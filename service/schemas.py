@@ -16,6 +16,7 @@ from service.domain import (
     FLOW_FIELDS,
     FLOW_TYPES,
     LOCALES,
+    MAPPING_SOURCES,
     SUBSCRIPTION_STATUSES,
 )
 
@@ -195,9 +196,6 @@ class CustomerMappingRequestSchema(Schema):
             raise ValidationError(
                 ["Give stripe_customer_id or stripe_account_id, not both."], "stripe_account_id"
             )
-
-
-MAPPING_SOURCES = ("import", "api", "stripe_metadata")
 
 
 class CustomerMappingSchema(Schema):

@@ -60,7 +60,7 @@ class PortalSession:
 
 @dataclass(frozen=True, slots=True)
 class CustomerPage:
-    """One page of ``GET /v1/customers``: the customers, and whether more follow."""
+    """One page of a Stripe list (``GET /v1/customers``): the objects, and whether more follow."""
 
     data: list[dict[str, Any]]
     has_more: bool
@@ -242,10 +242,18 @@ class StripeClient:
         query: dict[str, Any] = {"limit": limit}
         if starting_after is not None:
             query["starting_after"] = starting_after
+        return await self._page(CUSTOMERS_PATH, query, stripe_account)
+
+    # --- the send loop ---------------------------------------------------------
+
+    async def _page(
+        self, path: str, query: dict[str, Any], stripe_account: str | None
+    ) -> CustomerPage:
+        """One page of a list endpoint, with its own deadline."""
         reply = await self._send(
             Outbound(
                 "GET",
-                CUSTOMERS_PATH,
+                path,
                 query,
                 expect="list",
                 valid=_is_list,
@@ -255,8 +263,6 @@ class StripeClient:
         )
         return CustomerPage(reply.body["data"], reply.body.get("has_more") is True)
 
-    # --- the send loop ---------------------------------------------------------
-
     async def _list_all(
         self, path: str, query: dict[str, Any], stripe_account: str | None
     ) -> list[dict[str, Any]]:
@@ -264,20 +270,10 @@ class StripeClient:
         found: list[dict[str, Any]] = []
         page_query = {**query, "limit": LIST_PAGE_SIZE}
         while True:
-            reply = await self._send(
-                Outbound(
-                    "GET",
-                    path,
-                    page_query,
-                    expect="list",
-                    valid=_is_list,
-                    deadline=self.deadline_from_now(),
-                    stripe_account=stripe_account,
-                )
-            )
-            data: list[dict[str, Any]] = reply.body["data"]
+            page = await self._page(path, page_query, stripe_account)
+            data = page.data
             found.extend(data)
-            if not data or reply.body.get("has_more") is not True:
+            if not data or not page.has_more:
                 return found
             page_query["starting_after"] = data[-1]["id"]
 
