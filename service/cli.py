@@ -258,6 +258,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     except importer.ImportFailed as exc:
         raise CliError(str(exc)) from None
     print(f"imported {count} {args.kind} rows from {path}", file=sys.stderr)
+    if args.kind == "customers" and count:
+        # An import is explicit data, often followed by its subscriptions file: it
+        # does not read Stripe itself (SPEC §11's backfill on link is one command away).
+        print(
+            "their subscriptions were not read from Stripe: import subscriptions, or run "
+            "`portal-gateway resync --all`",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -512,7 +512,11 @@ async def test_cli_good_file_exits_0(
     path.write_text(csv_text("customers", "u_1,cus_1,,,", "u_2,,acct_2,,fr"))
     result = run_cli(database_url, "customers", path)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == [f"imported 2 customers rows from {path}"]
+    assert result.stderr.splitlines() == [
+        f"imported 2 customers rows from {path}",
+        "their subscriptions were not read from Stripe: import subscriptions, or run "
+        "`portal-gateway resync --all`",
+    ]
     assert await conn.fetchval("SELECT count(*) FROM customers") == 2
 
 
