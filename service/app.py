@@ -19,6 +19,7 @@ from service.backfiller import Backfiller
 from service.config import Settings
 from service.db import deployment, events, resolve
 from service.db.pool import Database
+from service.drift_gauge import DriftGauge
 from service.errors import DatabaseUnavailable
 from service.handlers import health, openapi, portal_sessions, users, webhooks
 from service.jwt_keys import JwtKeys
@@ -64,6 +65,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     )
     app[keys.LIFECYCLE] = lifecycle
     app[keys.READINESS] = Readiness(lifecycle, app[keys.METRICS])
+    app[keys.PROFILE_DRIFT] = DriftGauge(app[keys.METRICS])
     app[keys.RATE_LIMITER] = RateLimiter()
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream)

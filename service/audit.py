@@ -46,6 +46,10 @@ ACTION_MAPPING_SYNC = "mapping.sync"
 ACTION_MAPPING_API_PUT = "mapping.api.put"
 ACTION_MAPPING_API_GET = "mapping.api.get"
 ACTION_MAPPING_API_DELETE = "mapping.api.delete"
+# `profiles apply` (SPEC §12): one row per run, what changed at Stripe and in the rows.
+ACTION_PROFILES_APPLY = "profiles_apply"
+# A Stripe webhook reported a portal configuration; stored as its profiles' snapshot (SPEC §12).
+ACTION_PROFILE_SNAPSHOT = "profile_snapshot"
 
 MAX_USER_AGENT = MAX_HEADER_TEXT
 

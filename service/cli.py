@@ -1,7 +1,9 @@
-"""``portal-gateway``: serve, migrate, clients, import, resync, sync, audit, demo.
+"""``portal-gateway``: serve, migrate, clients, import, resync, sync, profiles, audit, demo.
 
 Exit codes: 0 success, 1 an operation failed (bad CSV, unknown client, database
-down), 2 bad configuration or usage. Errors are one line on stderr.
+down), 2 bad configuration or usage — and for ``profiles plan``, 2 when apply
+would change something. Errors are one line on stderr (a profiles file's
+problems: one line each).
 """
 
 from __future__ import annotations
@@ -313,6 +315,42 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profiles(args: argparse.Namespace) -> int:
+    """``profiles plan FILE`` (exit 2: changes), ``apply FILE [--prune]``, ``sync``."""
+    from service import profiles, profiles_file
+
+    def report(line: str) -> None:
+        print(line)
+
+    try:
+        if args.profiles_command == "plan":
+            plan = _run(lambda: profiles.run_plan(_settings(), Path(args.file)))
+            for line in plan.lines():
+                print(line)
+            return 2 if plan.would_change(prune=args.prune) else 0
+        settings = _settings(serving=True)  # it calls Stripe: STRIPE_API_KEY is required
+        # The audit line (SPEC §6) and other logs on stderr; stdout is what was done.
+        logs.configure(settings.log_level, settings.log_format, stream=sys.stderr)
+        if args.profiles_command == "apply":
+            applied = _run(lambda: profiles.run_apply(settings, Path(args.file), prune=args.prune))
+            for line in applied.lines():
+                print(line)
+            return 0
+        synced = _run(lambda: profiles.run_sync(settings, report))
+    except profiles_file.ProfilesFileError as exc:
+        raise CliError(str(exc)) from None
+    except profiles.ProfilesFailed as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"profiles sync: {synced.stored} snapshots stored, {synced.drifted} drifted,"
+        f" {synced.failed} failed",
+        file=sys.stderr,
+    )
+    if synced.failed:
+        raise CliError(f"{synced.failed} configurations could not be retrieved")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "export":
         return _audit_export(args)
@@ -492,6 +530,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart", action="store_true", help="start over instead of resuming at the stored cursor"
     )
     sync.set_defaults(func=cmd_sync)
+
+    profiles = sub.add_parser(
+        "profiles", help="portal configurations as code: plan, apply, sync (SPEC §12)"
+    )
+    psub = profiles.add_subparsers(dest="profiles_command", required=True)
+    plan = psub.add_parser(
+        "plan", help="say what apply would change (no Stripe call); exit 0 nothing, 2 something"
+    )
+    plan.add_argument("file", help="the profiles file (YAML; see deploy/profiles.example.yaml)")
+    plan.add_argument(
+        "--prune", action="store_true", help="count prune candidates as changes (as apply --prune)"
+    )
+    apply = psub.add_parser("apply", help="make Stripe and the profile rows match the file")
+    apply.add_argument("file", help="the profiles file (YAML)")
+    apply.add_argument(
+        "--prune",
+        action="store_true",
+        help="deactivate the configurations of managed profiles the file dropped; remove them",
+    )
+    psub.add_parser("sync", help="fetch each managed profile's configuration; store the snapshot")
+    profiles.set_defaults(func=cmd_profiles)
 
     audit = sub.add_parser("audit", help="export audit rows; drop old audit partitions")
     asub = audit.add_subparsers(dest="audit_command", required=True)

@@ -6,8 +6,10 @@ STRIPE_API_BASE is used) and the service, and prints a curl that opens a
 portal session. Metadata linking is on (STRIPE_USER_METADATA_KEY=user_id
 unless set), and the stand-in knows a second customer with a subscription:
 the printed instructions link it to ``demo-user-2`` through the mapping API
-(which backfills its subscription) and open its portal. Ctrl-C stops
-everything it started.
+(which backfills its subscription) and open its portal. With the stand-in,
+``deploy/profiles.example.yaml`` is applied to it at start (its products and
+prices seeded first) and the first printed session names its ``pro`` profile.
+Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import json
 import shlex
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 
+import structlog
 from aiohttp import web
 
-from service import http_server, logs, migrations
+from service import http_server, logs, migrations, profiles
 from service.app import create_app
 from service.auth import (
     SCOPE_CREATE_SESSIONS,
@@ -34,6 +38,8 @@ from service.config import Secret, Settings
 from service.db import clients, deployment
 from service.db import demo as demo_db
 from service.db.pool import Database
+from service.profiles_file import ProfilesFileError, load_profiles
+from service.stripe import StripeClient
 
 DEMO_ORIGIN = "https://app.example.com"
 DEMO_RETURN_URL = f"{DEMO_ORIGIN}/account"
@@ -60,6 +66,14 @@ STANDIN_SUBSCRIPTIONS = [
         "items": [{"id": "si_demo0002", "price": "price_basic_monthly", "quantity": 2}],
     }
 ]
+# The products and prices deploy/profiles.example.yaml names (SPEC §12).
+STANDIN_CATALOGUE = [
+    {"id": "prod_demo_basic", "prices": ["price_basic_monthly"]},
+    {"id": "prod_demo_pro", "prices": ["price_pro_yearly"]},
+]
+PROFILES_FILE = Path(__file__).resolve().parent.parent / "deploy" / "profiles.example.yaml"
+# The example's profile the first printed session names: it offers pro-yearly.
+DEMO_PROFILE = "pro"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +118,7 @@ async def _prepare(settings: Settings) -> str:
 async def _serve(settings: Settings, use_standin: bool, standin_port: int) -> None:
     token = await _prepare(settings)
     runners: list[web.AppRunner] = []
+    portal: str | None = None
     try:
         if use_standin:
             from stripe_standin import STATE
@@ -112,21 +127,45 @@ async def _serve(settings: Settings, use_standin: bool, standin_port: int) -> No
             standin_app = create_standin()
             standin_app[STATE].seed_customers(STANDIN_CUSTOMERS)
             standin_app[STATE].seed_subscriptions(STANDIN_SUBSCRIPTIONS)
+            standin_app[STATE].seed_catalogue(STANDIN_CATALOGUE)
             standin = web.AppRunner(standin_app)
             await standin.setup()
             runners.append(standin)
             await web.TCPSite(standin, "127.0.0.1", standin_port).start()
+            portal = await _apply_profiles(settings)
         service = http_server.AppRunner(
             create_app(settings), access_log=None, shutdown_timeout=settings.shutdown_timeout
         )
         await service.setup()
         runners.append(service)
         await web.TCPSite(service, settings.host, settings.port).start()
-        print(_curl(settings, token, use_standin), flush=True)
+        print(_curl(settings, token, use_standin, portal), flush=True)
         await _until_signalled()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+async def _apply_profiles(settings: Settings) -> str | None:
+    """``profiles apply deploy/profiles.example.yaml`` against the stand-in; the profile
+    the printed session names (None, with a warning, if the file could not be applied)."""
+    log = structlog.get_logger("app")
+    db = await Database.connect(settings.database_url.reveal(), min_size=1, max_size=2)
+    session = StripeClient.new_session(settings)
+    try:
+        specs = await load_profiles(PROFILES_FILE, db, settings)
+        applied = await profiles.apply(
+            db, StripeClient(session, settings, None), specs, prune=False
+        )
+    except (ProfilesFileError, profiles.ProfilesFailed) as exc:
+        log.warning("demo_profiles_not_applied", file=str(PROFILES_FILE), error=str(exc))
+        return None
+    finally:
+        await session.close()
+        await db.close()
+    names = [o.spec.name for o in applied.outcomes]
+    log.info("demo_profiles_applied", file=str(PROFILES_FILE), profiles=names)
+    return DEMO_PROFILE if DEMO_PROFILE in names else None
 
 
 async def _until_signalled() -> None:
@@ -137,16 +176,26 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-def _curl(settings: Settings, token: str, use_standin: bool = True) -> str:
+def _curl(
+    settings: Settings, token: str, use_standin: bool = True, portal: str | None = None
+) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
     base = f"http://{host}:{settings.port}"
-    session = {
+    session: dict[str, object] = {
         "user_id": "demo-user",
         "flow": {"type": "subscription_update_confirm", "plan": "pro-yearly"},
     }
-    text = "\nportal-gateway is up. Open a portal session with:\n\n" + _command(
-        "POST", f"{base}/v1/portal-sessions", token, session
-    )
+    intro = "\nportal-gateway is up. Open a portal session with:\n\n"
+    if portal is not None:
+        # A profile of deploy/profiles.example.yaml, applied to the stand-in at start.
+        session["portal"] = portal
+        intro = (
+            f"\nportal-gateway is up. Open a portal session with the {portal!r} profile"
+            f" of {PROFILES_FILE.relative_to(PROFILES_FILE.parent.parent)}\n"
+            "(applied to the stand-in at start; `portal-gateway profiles plan FILE` shows"
+            " what a change would do):\n\n"
+        )
+    text = intro + _command("POST", f"{base}/v1/portal-sessions", token, session)
     if use_standin:
         text += (
             f"Link {DEMO_USER_2} to the stand-in's customer {DEMO_CUSTOMER_2} through the"

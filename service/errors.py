@@ -36,6 +36,11 @@ CODES_BY_STATUS: dict[int, tuple[str, ...]] = {
         "subscription_not_updatable",
         "idempotency_conflict",
         "customer_already_mapped",
+        # The portal checks of SPEC §12: the profile's configuration would refuse it.
+        "portal_inactive",
+        "portal_feature_disabled",
+        "plan_not_offered",
+        "portal_account_mismatch",
     ),
     413: ("payload_too_large",),
     415: ("unsupported_media_type",),

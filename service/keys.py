@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from service.backfiller import Backfiller
     from service.config import Settings
     from service.db.pool import Database
+    from service.drift_gauge import DriftGauge
     from service.lifecycle import Lifecycle
     from service.mapping_api import MappingApiDeps
     from service.metrics import Metrics
@@ -27,6 +28,8 @@ AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+# portal_gateway_profile_drift, rebuilt from the database at scrape time (SPEC §12).
+PROFILE_DRIFT: web.AppKey[DriftGauge] = web.AppKey("profile_drift")
 PORTAL: web.AppKey[PortalDeps] = web.AppKey("portal")
 MAPPING_API: web.AppKey[MappingApiDeps] = web.AppKey("mapping_api")
 # Background backfills scheduled by webhooks (SPEC §11 backfill on link).

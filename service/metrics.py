@@ -169,6 +169,14 @@ class Metrics:
         self.build_info = Gauge(
             p + "build_info", "Build information; always 1.", ["version"], registry=r
         )
+        # Set at scrape time from the database (service/drift_gauge.py): every replica agrees.
+        self.profile_drift = Gauge(
+            p + "profile_drift",
+            "1 while a managed portal profile's configuration differs at Stripe from what "
+            "the profiles file applied, else 0 (profiles with an applied body and a snapshot).",
+            ["profile"],
+            registry=r,
+        )
         self.ready = Gauge(
             p + "ready",
             "1 while this instance is ready (what /readyz answers); updated at every scrape.",

@@ -2,7 +2,8 @@
 
 Reads top to bottom: who is the target user → check return URLs → resolve our
 ids to Stripe ids (one round trip) → for an end user, hide what is not
-self-serve → build Stripe's params → call Stripe.
+self-serve → build Stripe's params → refuse what the profile's configuration
+would refuse (SPEC §12, from the snapshot facts RESOLVE brought) → call Stripe.
 It knows nothing of HTTP; the protected pipeline and the handler around it do
 auth, validation, audit and the response.
 """
@@ -111,6 +112,7 @@ async def open_portal_session(
     }
     if flow is not None:
         params["flow_data"] = _flow_data(flow, row)
+    _check_profile(row, flow_type, params, audit)
 
     # With a caller key, the stored upstream key (ours or an earlier request's).
     upstream_key = row["idem_upstream_key"] if claim is not None else str(uuid.uuid4())
@@ -193,12 +195,79 @@ def _self_service_only(row: dict[str, Any]) -> None:
     if profile is not None and not (
         row["profile_self_serve"] or row["profile_is_default"] or profile == row["customer_portal"]
     ):
-        for column in ("profile_name", "configuration_id", "on_behalf_of", "default_return_url"):
+        for column in (
+            "profile_name",
+            "configuration_id",
+            "on_behalf_of",
+            "default_return_url",
+            "profile_connected_account",
+            "profile_has_snapshot",
+        ):
             row[column] = None
     if not row["plan_self_serve"]:
         row["plan_price_id"] = row["plan_active"] = None
     if not row["offer_self_serve"]:
         row["offer_kind"] = row["offer_stripe_id"] = None
+
+
+# The feature a deep link needs enabled in the configuration (Stripe refuses it otherwise).
+FLOW_FEATURES = {
+    "payment_method_update": "payment_method_update",
+    "subscription_cancel": "subscription_cancel",
+    "subscription_update": "subscription_update",
+    "subscription_update_confirm": "subscription_update",
+}
+
+
+def _check_profile(
+    row: dict[str, Any], flow_type: str | None, params: dict[str, Any], audit: AuditEvent
+) -> None:
+    """Refuse, before Stripe, a session the profile's configuration makes impossible (SPEC §12).
+
+    Only with a snapshot (what Stripe last reported of the configuration):
+    without one the call goes to Stripe as before. The refusal's audit row
+    names the profile, its configuration and what was checked.
+    """
+    if not row["profile_has_snapshot"]:
+        return
+    profile = row["profile_name"]
+    audit.detail = {
+        **(audit.detail or {}),
+        "profile": profile,
+        "configuration": row["configuration_id"],
+    }
+    if not row["snapshot_active"]:
+        raise Conflict(
+            "portal_inactive",
+            f"The configuration of portal profile {profile!r} is inactive.",
+            extra={"field": "portal"},
+        )
+    if row["profile_connected_account"] != row["connected_account"]:
+        audit.detail["profile_account"] = row["profile_connected_account"]
+        audit.detail["customer_account"] = row["connected_account"]
+        raise Conflict(
+            "portal_account_mismatch",
+            f"Portal profile {profile!r} is on another Stripe account than this user's customer.",
+            extra={"field": "portal"},
+        )
+    feature = FLOW_FEATURES.get(flow_type or "")
+    if feature is not None and not row[f"snapshot_{feature}"]:
+        audit.detail["feature"] = feature
+        raise Conflict(
+            "portal_feature_disabled",
+            f"Portal profile {profile!r} does not enable {feature}, which this flow needs.",
+            extra={"field": "flow.type"},
+        )
+    if flow_type == "subscription_update_confirm":
+        confirm = params["flow_data"]["subscription_update_confirm"]
+        price = confirm["items"][0].get("price")
+        if price is not None and price not in (row["snapshot_prices"] or []):
+            audit.detail["price"] = price
+            raise Conflict(
+                "plan_not_offered",
+                f"Portal profile {profile!r} does not offer this plan's price.",
+                extra={"field": "flow.plan"},
+            )
 
 
 def _target_user(principal: Principal, body: dict[str, Any]) -> str:

@@ -306,7 +306,8 @@ class WebhookReceiptSchema(Schema):
         metadata={
             "description": "applied, duplicate, superseded (older than the mapping), "
             "unchanged, conflict (a metadata link an explicit mapping overrules), "
-            "unknown_customer, unhandled, livemode_mismatch or invalid_object."
+            "unknown_customer, unknown_configuration (no portal profile uses it), unhandled, "
+            "livemode_mismatch or invalid_object."
         },
     )
 

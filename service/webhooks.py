@@ -3,13 +3,16 @@
 Reads top to bottom: check ``Stripe-Signature`` against every configured
 secret → parse the event → in one transaction claim its id (a replay changes
 nothing), apply it (ordering is left to the SQL in ``db/mappings.py``, and for
-``customer.created|updated`` metadata facts to ``linking.py``), emit the audit
+``customer.created|updated`` metadata facts to ``linking.py``, for
+``billing_portal.configuration.created|updated`` snapshots to
+``profile_snapshots.py``), emit the audit
 events → count it, and schedule a backfill for every user it linked. It knows
 nothing of HTTP beyond the errors it raises; ``handlers/webhooks.py`` reads the
 body and writes the answer.
 
-Connect: an event with a top-level ``account`` touches only mappings on that
-connected account, one without only the platform's (``connected_account`` NULL).
+Connect: an event with a top-level ``account`` touches only mappings (and portal
+profiles) on that connected account, one without only the platform's
+(``connected_account`` NULL).
 
 Anything Stripe sent and signed that we cannot use (an unknown customer, an
 event type we do not handle, an object we cannot read) is recorded and
@@ -29,11 +32,12 @@ from typing import Any
 import orjson
 import structlog
 
-from service import audit, linking
+from service import audit, linking, profile_snapshots
 from service.audit import (
     ACTION_MAPPING_CREATE,
     ACTION_MAPPING_DELETE,
     ACTION_MAPPING_UPDATE,
+    ACTION_PROFILE_SNAPSHOT,
     AuditEvent,
 )
 from service.backfill import Actor
@@ -58,7 +62,8 @@ SUBSCRIPTION_EVENTS = frozenset(
     }
 )
 CUSTOMER_DELETED = "customer.deleted"
-HANDLED_EVENTS = SUBSCRIPTION_EVENTS | {CUSTOMER_DELETED}
+CONFIGURATION_EVENTS = frozenset(profile_snapshots.CONFIGURATION_EVENTS)
+HANDLED_EVENTS = SUBSCRIPTION_EVENTS | {CUSTOMER_DELETED} | CONFIGURATION_EVENTS
 # Handled when STRIPE_USER_METADATA_KEY is set (else 'unhandled'): metadata links.
 CUSTOMER_FACT_EVENTS = frozenset(linking.FACT_EVENTS)
 # Metric label for requests refused before the event could be read.
@@ -339,11 +344,14 @@ async def _apply(
             outcome = await _apply_subscription(conn, event, sub)
         elif event.type == CUSTOMER_DELETED and customer is not None:
             outcome = await _apply_customer_deleted(conn, event, customer)
+        elif event.type in CONFIGURATION_EVENTS:
+            outcome = await _apply_configuration(conn, event)
         elif fact is not None:
             outcome = await _apply_metadata_fact(conn, event, fact)
         else:
-            log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
             outcome = _Outcome("invalid_object")
+        if outcome.result == "invalid_object":
+            log.warning("webhook_invalid_object", event_id=event.id, event_type=event.type)
         for record in outcome.records:
             record.request_id = request_id
             record.client_ip = client_ip
@@ -413,10 +421,32 @@ async def _apply_metadata_fact(
     return _Outcome(decided.result, records, decided)
 
 
+async def _apply_configuration(conn: Connection, event: Event) -> _Outcome:
+    stored = await profile_snapshots.apply_configuration(
+        conn, event.object, connected_account=event.account
+    )
+    if stored.result != profile_snapshots.APPLIED:
+        return _Outcome(stored.result)
+    record = _audit(
+        event,
+        ACTION_PROFILE_SNAPSHOT,
+        None,
+        None,
+        {
+            "configuration": stored.configuration_id,
+            "connected_account": event.account,
+            "updated": event.object.get("updated"),
+            # profile → fields that differ from what the file applied (None: not managed).
+            "profiles": stored.profiles,
+        },
+    )
+    return _Outcome("applied", [record])
+
+
 def _audit(
     event: Event,
     action: str,
-    user_id: str,
+    user_id: str | None,
     customer: str | None,
     detail: dict[str, Any],
     *,

@@ -5,9 +5,11 @@ not import ``service``): the service's tests and ``make run`` point
 ``STRIPE_API_BASE`` at it instead of api.stripe.com. It validates
 ``POST /v1/billing_portal/sessions`` as strictly as Stripe (API version
 2025-09-30.clover), serves ``GET /v1/subscriptions``, ``GET /v1/customers`` and
-``GET /v1/customers/{id}`` from seeded data, scopes every object to the
-connected account it was seeded on (the ``Stripe-Account`` header, Connect),
-records every request, and injects faults on demand through ``/_standin/...``.
+``GET /v1/customers/{id}`` from seeded data, implements the portal
+configuration endpoints (``/v1/billing_portal/configurations``: create, update,
+retrieve, list), scopes every object to the connected account it was seeded or
+made on (the ``Stripe-Account`` header, Connect), records every request, and
+injects faults on demand through ``/_standin/...``.
 
 Run it with ``python -m stripe_standin`` or build it in-process with
 :func:`create_app`; ``app[STATE]`` is the :class:`StandinState` behind both.
@@ -19,6 +21,10 @@ Where things are:
   form, idempotency, recording, faults, errors);
 * ``stripe_endpoints``: what each ``/v1`` endpoint answers; ``listing``: the
   pagination every list endpoint shares;
+* ``configuration_endpoints`` (the portal configuration endpoints),
+  ``configuration_params`` (their parameters), ``configurations`` (the object:
+  defaults, update merging, what a session may do with it, Dashboard edits);
+  ``catalogue``: the seeded products and prices configurations may name;
 * ``validation``: Stripe's parameter rules; ``stripe_errors``: Stripe's other
   error messages;
 * ``faults`` (parsing a scripted fault) and ``fault_responses`` (acting it out);

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from . import control, stripe_endpoints
+from . import configuration_endpoints, control, stripe_endpoints
 from .control_input import MAX_LATENCY_MS
 from .responses import Handler, current_request_id, json_response, random_token
 from .state import DEFAULT_API_KEY_PREFIXES, STATE, StandinState
@@ -95,6 +95,16 @@ def create_app(
         ("GET", "/_standin/customers", control.get_customers),
         ("POST", "/_standin/customers", control.post_customers),
         ("DELETE", "/_standin/customers", control.delete_customers),
+        ("GET", "/_standin/catalogue", control.get_catalogue),
+        ("POST", "/_standin/catalogue", control.post_catalogue),
+        ("DELETE", "/_standin/catalogue", control.delete_catalogue),
+        ("GET", "/_standin/billing_portal/configurations", control.get_configurations),
+        ("DELETE", "/_standin/billing_portal/configurations", control.delete_configurations),
+        (
+            "POST",
+            "/_standin/billing_portal/configurations/{id}",
+            control.post_configuration_edit,
+        ),
         ("POST", "/_standin/reset", control.post_reset),
     ]
     for method, path, control_handler in control_routes:
@@ -102,6 +112,17 @@ def create_app(
 
     app.router.add_post(
         "/v1/billing_portal/sessions", api_handler(stripe_endpoints.PORTAL_SESSIONS_ROUTE)
+    )
+    configurations = "/v1/billing_portal/configurations"
+    app.router.add_post(
+        configurations, api_handler(configuration_endpoints.CREATE_CONFIGURATION_ROUTE)
+    )
+    app.router.add_get(configurations, api_handler(configuration_endpoints.CONFIGURATIONS_ROUTE))
+    app.router.add_post(
+        configurations + "/{id}", api_handler(configuration_endpoints.UPDATE_CONFIGURATION_ROUTE)
+    )
+    app.router.add_get(
+        configurations + "/{id}", api_handler(configuration_endpoints.CONFIGURATION_ROUTE)
     )
     app.router.add_get("/v1/subscriptions", api_handler(stripe_endpoints.SUBSCRIPTIONS_ROUTE))
     app.router.add_get("/v1/customers", api_handler(stripe_endpoints.CUSTOMERS_ROUTE))

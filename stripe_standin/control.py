@@ -2,9 +2,11 @@
 
 Read and clear what was received; queue faults; set the standing latency;
 declare ids (objects or connected accounts) that do not exist; seed the
-subscriptions ``GET /v1/subscriptions`` returns and the customers
-``GET /v1/customers`` returns, each optionally on a connected account
-(``account``); reset everything. Each handler here is a thin JSON face over a
+subscriptions ``GET /v1/subscriptions`` returns, the customers
+``GET /v1/customers`` returns and the products and prices portal
+configurations may name, each optionally on a connected account
+(``account``); edit a portal configuration "in the Dashboard"; reset
+everything. Each handler here is a thin JSON face over a
 :class:`~stripe_standin.state.StandinState` method; :mod:`.app` maps the URLs.
 """
 
@@ -12,9 +14,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
+from .configuration_endpoints import next_updated
+from .configurations import dashboard_edit
 from .control_input import ControlError
 from .responses import Handler, json_response
 from .state import STATE, StandinState
@@ -22,11 +27,15 @@ from .state import STATE, StandinState
 __all__ = [
     "ControlHandler",
     "control_endpoint",
+    "delete_catalogue",
+    "delete_configurations",
     "delete_customers",
     "delete_faults",
     "delete_missing",
     "delete_requests",
     "delete_subscriptions",
+    "get_catalogue",
+    "get_configurations",
     "get_customers",
     "get_faults",
     "get_latency",
@@ -34,6 +43,8 @@ __all__ = [
     "get_requests",
     "get_subscriptions",
     "health",
+    "post_catalogue",
+    "post_configuration_edit",
     "post_customers",
     "post_faults",
     "post_latency",
@@ -134,13 +145,16 @@ async def delete_subscriptions(request: web.Request, state: StandinState) -> obj
     return {"deleted": state.clear_subscriptions()}
 
 
+def _with_accounts(state: StandinState, objects: dict[str, dict[str, Any]]) -> list[object]:
+    """The objects, each with the account it lives on.
+
+    The account is not part of a Stripe object; shown here so a test can check it.
+    """
+    return [{**obj, "account": state.account_of(obj_id)} for obj_id, obj in objects.items()]
+
+
 async def get_customers(request: web.Request, state: StandinState) -> object:
-    # The account is not part of a Stripe object; shown here so a test can check it.
-    customers = [
-        {**customer, "account": state.account_of(customer_id)}
-        for customer_id, customer in state.customers.items()
-    ]
-    return {"customers": customers}
+    return {"customers": _with_accounts(state, state.customers)}
 
 
 async def post_customers(request: web.Request, state: StandinState) -> object:
@@ -150,6 +164,46 @@ async def post_customers(request: web.Request, state: StandinState) -> object:
 
 async def delete_customers(request: web.Request, state: StandinState) -> object:
     return {"deleted": state.clear_customers()}
+
+
+async def get_catalogue(request: web.Request, state: StandinState) -> object:
+    return {"products": state.catalogue.to_json(state.account_of)}
+
+
+async def post_catalogue(request: web.Request, state: StandinState) -> object:
+    ids = state.seed_catalogue(await _json_list(request, "products"))
+    return {"seeded": ids, "total": len(state.catalogue.products)}
+
+
+async def delete_catalogue(request: web.Request, state: StandinState) -> object:
+    return {"deleted": state.clear_catalogue()}
+
+
+async def get_configurations(request: web.Request, state: StandinState) -> object:
+    return {"configurations": _with_accounts(state, state.configurations)}
+
+
+async def post_configuration_edit(request: web.Request, state: StandinState) -> object:
+    """An edit "in the Dashboard": the body is a partial configuration object.
+
+    Answers the whole configuration as it now is (``updated`` moved), which is
+    what a ``billing_portal.configuration.updated`` event would carry.
+    """
+    config = state.configurations.get(request.match_info["id"])
+    if config is None:
+        raise ControlError(f"no configuration {request.match_info['id']}")
+    try:
+        edit = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ControlError(f"body must be JSON: {error}") from None
+    updated = next_updated(config)
+    dashboard_edit(config, edit)
+    config["updated"] = updated
+    return config
+
+
+async def delete_configurations(request: web.Request, state: StandinState) -> object:
+    return {"deleted": state.clear_configurations()}
 
 
 async def post_reset(request: web.Request, state: StandinState) -> object:

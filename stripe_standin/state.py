@@ -2,8 +2,10 @@
 
 Recorded requests, queued faults, the standing latency, ids declared missing,
 seeded customers and subscriptions (how a subscription seed becomes a Stripe
-object is here; a customer's in :mod:`.customers`), the connected account each
-seeded object lives on (Connect), and responses stored under idempotency keys.
+object is here; a customer's in :mod:`.customers`), the seeded catalogue of
+products and prices (:mod:`.catalogue`), the portal configurations created
+through the API (:mod:`.configurations`), the connected account each object
+lives on (Connect), and responses stored under idempotency keys.
 The control API reads and scripts it over HTTP; in-process tests reach it
 directly as ``app[STATE]``.
 """
@@ -20,10 +22,11 @@ from typing import Any, Final, cast
 
 from aiohttp import web
 
+from .catalogue import Catalogue, product_seed
 from .control_input import MAX_LATENCY_MS, ControlError, is_int, is_number
 from .customers import customer_object, seed_account
 from .faults import Fault
-from .validation import SUBSCRIPTION_STATUSES, IdRef, Params
+from .validation import SUBSCRIPTION_STATUSES, IdRef, Params, StripeError, Value, format_param
 
 __all__ = [
     "DEFAULT_API_KEY_PREFIXES",
@@ -122,6 +125,9 @@ class StandinState:
         # Object id -> the connected account it lives on; absent: the platform.
         self.accounts: dict[str, str] = {}
         self._customer_order: tuple[list[dict[str, Any]], dict[str, int]] | None = None
+        self.catalogue = Catalogue()
+        # Portal configurations made through the API, in creation order.
+        self.configurations: dict[str, dict[str, Any]] = {}
         # (API key, Stripe-Account or "", Idempotency-Key) -> the first answer.
         self.idempotency: dict[tuple[str, str, str], StoredResponse] = {}
         # Set on shutdown: latencies and hangs end early so the server can stop.
@@ -199,7 +205,13 @@ class StandinState:
         customer = self.customers.get(object_id)
         if customer is not None and customer.get("deleted"):
             return False
-        seeded = customer is not None or object_id in self.subscriptions
+        seeded = (
+            customer is not None
+            or object_id in self.subscriptions
+            or object_id in self.configurations
+            or object_id in self.catalogue.products
+            or object_id in self.catalogue.prices
+        )
         return not seeded or self.account_of(object_id) == stripe_account
 
     # -- Connect
@@ -277,6 +289,86 @@ class StandinState:
     def clear_subscriptions(self) -> int:
         return self._forget(self.subscriptions)
 
+    # -- products and prices portal configurations may name
+
+    def seed_catalogue(self, seeds: Iterable[object]) -> list[str]:
+        """Add or replace (by id) products with their prices; all or none. Returns the ids."""
+        checked = [product_seed(seed) for seed in seeds]
+        for seed in checked:
+            self.catalogue.add(seed)
+            for object_id in (seed.product, *seed.prices):
+                self._place(object_id, seed.account)
+        return [seed.product for seed in checked]
+
+    def clear_catalogue(self) -> int:
+        count = len(self.catalogue.products)
+        for object_id in (*self.catalogue.products, *self.catalogue.prices):
+            self.accounts.pop(object_id, None)
+        self.catalogue = Catalogue()
+        return count
+
+    def check_catalogue(self, products: Value | None, stripe_account: str | None) -> None:
+        """Stripe's answer for ``features[subscription_update][products]`` naming a product
+        or price that does not exist on the account, or a price under another product.
+
+        Until a catalogue is seeded only malformed or declared-missing ids are refused.
+        """
+        base = ("features", "subscription_update", "products")
+        for index, entry in enumerate(products if isinstance(products, list) else []):
+            assert isinstance(entry, dict)
+            product, prices = entry["product"], entry["prices"]
+            assert isinstance(product, str)
+            assert isinstance(prices, list)
+            param = format_param((*base, index, "product"))
+            self._check_catalogued(IdRef(param, product, "product", "prod_"), stripe_account)
+            for position, price in enumerate(prices):
+                assert isinstance(price, str)
+                param = format_param((*base, index, "prices", position))
+                self._check_catalogued(IdRef(param, price, "price", "price_"), stripe_account)
+                owner = self.catalogue.prices.get(price)
+                if owner is not None and owner != product:
+                    raise StripeError(
+                        f"The price '{price}' does not belong to the product '{product}' "
+                        f"(it is a price of '{owner}').",
+                        code="parameter_invalid_string",
+                        param=param,
+                    )
+
+    def _check_catalogued(self, ref: IdRef, stripe_account: str | None) -> None:
+        known = ref.value in self.catalogue.products or ref.value in self.catalogue.prices
+        if self.catalogue.products and not known:
+            raise ref.error()
+        self.check_ids([ref], stripe_account)
+
+    # -- portal configurations
+
+    def add_configuration(self, config: dict[str, Any], account: str | None) -> None:
+        self.configurations[config["id"]] = config
+        self._place(config["id"], account)
+
+    def configuration(self, config_id: str, stripe_account: str | None) -> dict[str, Any]:
+        """The configuration with this id on the account, or Stripe's 404."""
+        config = self.configurations.get(config_id)
+        if (
+            config is None
+            or config_id in self.missing_ids
+            or self.account_of(config_id) != stripe_account
+        ):
+            raise StripeError(
+                f"No such configuration: '{config_id}'",
+                status=404,
+                code="resource_missing",
+                param="id",
+            )
+        return config
+
+    def configuration_order(self) -> list[dict[str, Any]]:
+        """Every configuration newest first; of those made in the same second, the later first."""
+        return sorted(reversed(self.configurations.values()), key=lambda c: -int(c["created"]))
+
+    def clear_configurations(self) -> int:
+        return self._forget(self.configurations)
+
     def reset(self) -> None:
         """Forget everything: recordings, faults, latency, missing ids, seeds, idempotency."""
         self.requests.clear()
@@ -285,6 +377,8 @@ class StandinState:
         self.missing_ids.clear()
         self.clear_subscriptions()
         self.clear_customers()
+        self.clear_catalogue()
+        self.clear_configurations()
         self.idempotency.clear()
 
 

@@ -1,10 +1,14 @@
 """What each imitated Stripe endpoint answers, once :mod:`.stripe_api` lets it.
 
 * ``POST /v1/billing_portal/sessions``: validated as strictly as Stripe, then a
-  ``billing_portal.session`` echoing the request;
+  ``billing_portal.session`` echoing the request; refused when the named
+  configuration (one made through the API) cannot serve it (inactive, the
+  flow's feature disabled, a confirm price it does not offer);
 * ``GET /v1/subscriptions``: filters and pages over the seeded subscriptions;
 * ``GET /v1/customers`` and ``GET /v1/customers/{id}``: the seeded customers;
 * any other ``/v1/...``: Stripe's 404.
+
+(The portal configuration endpoints are in :mod:`.configuration_endpoints`.)
 
 With a ``Stripe-Account`` header (Connect) a request sees only the objects
 seeded on that account; without one, only the platform's.
@@ -20,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from .configurations import session_refusal
 from .customers import deleted_customer
 from .listing import ListOf
 from .responses import random_token
@@ -171,6 +176,11 @@ def _create_portal_session(state: StandinState, call: ApiCall) -> dict[str, Any]
     validate(call.params, PORTAL_SESSION)
     # A customer or subscription seeded on another account is "no such" here.
     state.check_ids(portal_session_ids(call.params), call.stripe_account)
+    # A configuration never made here passes (like every id never seeded).
+    config = state.configurations.get(_str(call.params.get("configuration")) or "")
+    refusal = session_refusal(config, call.params) if config is not None else None
+    if refusal is not None:
+        raise refusal
     return _session_object(call.params)
 
 

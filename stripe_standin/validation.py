@@ -28,17 +28,20 @@ __all__ = [
     "LIST_STATUS_FILTERS",
     "LIST_SUBSCRIPTIONS",
     "LOCALES",
+    "PAGINATION",
     "PORTAL_SESSION",
     "RETENTION_TYPES",
     "RETRIEVE",
     "SUBSCRIPTION_STATUSES",
     "Arr",
     "IdRef",
+    "Map",
     "Obj",
     "Params",
     "Scalar",
     "StripeError",
     "Value",
+    "cursor_rule",
     "decode_form",
     "format_param",
     "list_subscription_ids",
@@ -195,13 +198,18 @@ Rule: TypeAlias = Callable[[dict[str, Value], Path], None]
 
 @dataclass(frozen=True)
 class Scalar:
-    """A leaf parameter. ``kind`` says how its string is checked."""
+    """A leaf parameter. ``kind`` says how its string is checked.
 
-    kind: Literal["string", "enum", "integer", "url"] = "string"
+    ``clearable``: ``""`` is accepted (Stripe reads it as "unset this").
+    """
+
+    kind: Literal["string", "enum", "integer", "url", "boolean"] = "string"
     required: bool = False
     choices: tuple[str, ...] = ()
     minimum: int | None = None
     maximum: int | None = None
+    max_length: int | None = None
+    clearable: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,7 @@ class Obj:
     fields: Mapping[str, Spec]
     required: bool = False
     rule: Rule | None = field(default=None, compare=False)
+    clearable: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,9 +229,21 @@ class Arr:
     item: Spec
     required: bool = False
     max_items: int | None = None
+    clearable: bool = False
 
 
-Spec: TypeAlias = Scalar | Obj | Arr
+@dataclass(frozen=True)
+class Map:
+    """A hash of the caller's own keys (``metadata[key]=value``), each value a ``value``."""
+
+    value: Scalar
+    max_keys: int
+    max_key_length: int
+    required: bool = False
+    clearable: bool = False
+
+
+Spec: TypeAlias = Scalar | Obj | Arr | Map
 
 
 def validate(params: Params, spec: Obj) -> None:
@@ -233,7 +254,7 @@ def validate(params: Params, spec: Obj) -> None:
     types, required parameters, enums and conditional rules in schema order.
     """
     _check_unknown(params, spec, ())
-    _check_empty(params, ())
+    _check_empty(params, spec, ())
     _check_shape(params, spec, ())
 
 
@@ -252,14 +273,25 @@ def _check_unknown(value: Value, spec: Spec, path: Path) -> None:
             _check_unknown(child, spec.item, (*path, index))
 
 
-def _check_empty(value: Value, path: Path) -> None:
+def _child_spec(spec: Spec | None, key: str | int) -> Spec | None:
+    """The spec of one child of a value ``spec`` describes (None where it has no say)."""
+    if isinstance(spec, Obj) and isinstance(key, str):
+        return spec.fields.get(key)
+    if isinstance(spec, Arr) and isinstance(key, int):
+        return spec.item
+    if isinstance(spec, Map) and isinstance(key, str):
+        return spec.value
+    return None
+
+
+def _check_empty(value: Value, spec: Spec | None, path: Path) -> None:
     if isinstance(value, dict):
         for key, child in value.items():
-            _check_empty(child, (*path, key))
+            _check_empty(child, _child_spec(spec, key), (*path, key))
     elif isinstance(value, list):
         for index, child in enumerate(value):
-            _check_empty(child, (*path, index))
-    elif value == "":
+            _check_empty(child, _child_spec(spec, index), (*path, index))
+    elif value == "" and not (spec is not None and spec.clearable):
         # Stripe reads an empty value as "unset this", which a create call cannot do.
         param = format_param(path)
         raise StripeError(
@@ -273,6 +305,8 @@ def _check_empty(value: Value, path: Path) -> None:
 
 def _check_shape(value: Value, spec: Spec, path: Path) -> None:
     param = format_param(path) if path else ""
+    if value == "" and spec.clearable:
+        return  # "unset this", allowed here
     if isinstance(spec, Scalar):
         _check_scalar(value, spec, param)
     elif isinstance(spec, Arr):
@@ -298,6 +332,9 @@ def _check_shape(value: Value, spec: Spec, path: Path) -> None:
                 code="parameter_invalid_object",
                 param=param,
             )
+        if isinstance(spec, Map):
+            _check_map(value, spec, path)
+            return
         # Own fields first (presence, scalar checks), then the rule that ties them
         # together, then nested objects, so a conditional error on a parent wins
         # over a detail deep inside a child the parent should not have had.
@@ -319,6 +356,25 @@ def _check_shape(value: Value, spec: Spec, path: Path) -> None:
                 _check_shape(value[key], child_spec, (*path, key))
 
 
+def _check_map(value: dict[str, Value], spec: Map, path: Path) -> None:
+    param = format_param(path)
+    if len(value) > spec.max_keys:
+        raise StripeError(
+            f"Invalid {param}: it can have at most {spec.max_keys} keys; you passed {len(value)}.",
+            code="parameter_invalid_object",
+            param=param,
+        )
+    for key, child in value.items():
+        if len(key) > spec.max_key_length:
+            raise StripeError(
+                f"Invalid {param}: keys must be at most {spec.max_key_length} characters "
+                f"long; '{key}' is {len(key)}.",
+                code="parameter_invalid_object",
+                param=format_param((*path, key)),
+            )
+        _check_scalar(child, spec.value, format_param((*path, key)))
+
+
 def _one_of(choices: Sequence[str]) -> str:
     if len(choices) == 1:
         return choices[0]
@@ -331,6 +387,10 @@ def _check_scalar(value: Value, spec: Scalar, param: str) -> None:
             f"Invalid {param}: must be a string, not an object or array.",
             code="parameter_invalid_string",
             param=param,
+        )
+    if spec.kind == "boolean" and value not in ("true", "false"):
+        raise StripeError(
+            f"Invalid boolean: {value}", code="parameter_invalid_boolean", param=param
         )
     if spec.kind == "enum" and value not in spec.choices:
         raise StripeError(
@@ -358,6 +418,9 @@ def _check_scalar(value: Value, spec: Scalar, param: str) -> None:
             )
     if spec.kind == "url" and not _is_url(value):
         raise StripeError("Not a valid URL", code="url_invalid", param=param)
+    if spec.max_length is not None and len(value) > spec.max_length:
+        too_long = f"Invalid {param}: must be at most {spec.max_length} characters long."
+        raise StripeError(too_long, code="parameter_invalid_string", param=param)
 
 
 def _is_url(value: str) -> bool:
@@ -499,7 +562,8 @@ PORTAL_SESSION = Obj(
 )
 
 
-def _cursor_rule(obj: dict[str, Value], path: Path) -> None:
+def cursor_rule(obj: dict[str, Value], path: Path) -> None:
+    """List endpoints take at most one of the two cursors."""
     if "starting_after" in obj and "ending_before" in obj:
         raise StripeError(
             "You may only specify one of these parameters: starting_after, ending_before.",
@@ -509,7 +573,7 @@ def _cursor_rule(obj: dict[str, Value], path: Path) -> None:
 
 
 # What every list endpoint takes: a page size and one cursor.
-_PAGINATION: Mapping[str, Spec] = {
+PAGINATION: Mapping[str, Spec] = {
     "limit": Scalar("integer", minimum=1, maximum=100),
     "starting_after": _ID,
     "ending_before": _ID,
@@ -523,14 +587,14 @@ LIST_SUBSCRIPTIONS = Obj(
         "customer": _ID,
         "price": _ID,
         "status": Scalar("enum", choices=LIST_STATUS_FILTERS),
-        **_PAGINATION,
+        **PAGINATION,
     },
-    rule=_cursor_rule,
+    rule=cursor_rule,
 )
 
 # GET /v1/customers: email (exact, case-sensitive, as Stripe) and pagination;
 # Stripe's created[...] and test_clock filters are not implemented, so unknown.
-LIST_CUSTOMERS = Obj({"email": Scalar(), **_PAGINATION}, rule=_cursor_rule)
+LIST_CUSTOMERS = Obj({"email": Scalar(), **PAGINATION}, rule=cursor_rule)
 
 # Retrieving one object by its id (the id is in the path): only expand[].
 RETRIEVE = Obj({"expand": Arr(Scalar())})

@@ -121,7 +121,59 @@ def customer_event(
     """A ``customer.created|updated|deleted`` event carrying ``customer`` (e.g. a stand-in
     customer object); ``account`` is the top-level field Connect events carry."""
     assert event_type in ("customer.created", "customer.updated", "customer.deleted"), event_type
-    event = _event(event_type, customer, created, event_id)
+    return _account_event(event_type, customer, created, account, previous_attributes, event_id)
+
+
+def configuration_event(
+    event_type: str,
+    configuration: dict[str, Any],
+    *,
+    account: str | None = None,
+    previous_attributes: dict[str, Any] | None = None,
+    previous: dict[str, Any] | None = None,
+    created: int | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``billing_portal.configuration.created|updated`` event carrying ``configuration``
+    (e.g. a stand-in configuration object, or what its Dashboard edit answers), created
+    at its ``updated`` unless ``created`` is given. ``data.previous_attributes``:
+    ``previous_attributes`` as given, or computed from ``previous`` (the object before
+    the change) with :func:`changed_attributes`. ``account`` is the top-level field
+    Connect events carry."""
+    assert event_type in (
+        "billing_portal.configuration.created",
+        "billing_portal.configuration.updated",
+    ), event_type
+    when = created if created is not None else int(configuration["updated"])
+    if previous is not None:
+        previous_attributes = changed_attributes(previous, configuration)
+    return _account_event(event_type, configuration, when, account, previous_attributes, event_id)
+
+
+def changed_attributes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Stripe's ``previous_attributes``: the old values of what differs, nested objects
+    narrowed to their changed fields."""
+    changed: dict[str, Any] = {}
+    for key in before.keys() | after.keys():
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            if inner := changed_attributes(old, new):
+                changed[key] = inner
+        elif old != new:
+            changed[key] = old
+    return changed
+
+
+def _account_event(
+    event_type: str,
+    obj: dict[str, Any],
+    created: int,
+    account: str | None,
+    previous_attributes: dict[str, Any] | None,
+    event_id: str | None,
+) -> dict[str, Any]:
+    """An event with ``data.previous_attributes`` and top-level ``account`` when given."""
+    event = _event(event_type, obj, created, event_id)
     if previous_attributes is not None:
         event["data"]["previous_attributes"] = previous_attributes
     if account is not None:

@@ -30,7 +30,15 @@ import yaml
 
 from service import keys
 from tests.conftest import Standin, create_client_token, seed_world
-from tests.helpers import created, customer_event, deliver, post_session, problem
+from tests.helpers import (
+    configuration_event,
+    created,
+    customer_event,
+    deliver,
+    post_session,
+    problem,
+)
+from tests.profile_rows import configuration, seed_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/dashboards/portal-gateway.json"
@@ -63,6 +71,7 @@ REQUIRED_METRICS = {
     "portal_gateway_ready",
     "portal_gateway_mapping_changes_total",
     "portal_gateway_mapping_conflicts_total",
+    "portal_gateway_profile_drift",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
 }
@@ -76,6 +85,7 @@ REQUIRED_ALERTS = {
     "PortalGatewayInstanceNotReady",
     "PortalGatewayNoInstanceReady",
     "PortalGatewayAuditWriteFailed",
+    "PortalGatewayProfileDrift",
 }
 # Alerts the faults driven below must trip, and in which state: `for: 0m` pages at once.
 EXPECTED_ALERT_STATES = {
@@ -85,6 +95,7 @@ EXPECTED_ALERT_STATES = {
     "PortalGatewayErrorBudgetBurnFast": "pending",
     "PortalGatewayUpstreamFailures": "pending",
     "PortalGatewayLoadShedding": "pending",
+    "PortalGatewayProfileDrift": "pending",
 }
 # ... and those a healthy, ready, fast service must keep quiet.
 QUIET_ALERTS = {
@@ -469,6 +480,15 @@ async def drive(t: Traffic, *, first: bool) -> None:
         assert (await resp.json())["result"] == result
     async with asyncio.timeout(20):
         await s.server.app[keys.BACKFILLER].wait_idle()
+    if first:  # The managed profile is edited in the Dashboard: it drifts from the file.
+        edited = configuration(
+            "bpc_managed1",
+            updated=now,
+            edit={"features": {"payment_method_update": {"enabled": False}}},
+        )
+        event = configuration_event("billing_portal.configuration.updated", edited)
+        resp = await deliver(s, event, secret=WEBHOOK_SECRET)
+        assert (await resp.json())["result"] == "applied"
     # A webhook that is not Stripe's.
     resp = await s.post(
         "/v1/stripe/webhooks", data=b"{}", headers={"Stripe-Signature": "t=1,v1=00"}
@@ -539,6 +559,8 @@ async def test_every_panel_and_rule_works_against_a_real_prometheus(
     tools: Tools, make_service: Any, standin: Standin, conn: Any, tmp_path: Path
 ) -> None:
     await seed_world(conn)
+    # A profile `profiles apply` made, its snapshot still Stripe's answer to it.
+    await seed_profile(conn, "managed", "bpc_managed1", snapshot=configuration("bpc_managed1"))
     token = await create_client_token(conn)
     tiny = await create_client_token(conn, name="tiny", rate_limit=1)
     service = await make_service(

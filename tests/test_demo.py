@@ -1,16 +1,18 @@
 """``make run`` (``portal-gateway demo``, a real process): its printed commands work as printed.
 
 The demo migrates and seeds the database, starts the Stripe stand-in and the
-service, and prints ready-to-paste curls (SPEC §9, §11): a portal session for
-the demo user; then, for the second demo user, linking the stand-in's second
-customer through the mapping API, reading the mapping back, and a subscription
-flow on the subscription the link backfilled. Each printed command is parsed
-as a shell would and sent as curl would send it.
+service, and prints ready-to-paste curls (SPEC §9, §11, §12): a portal session
+for the demo user with the ``pro`` profile of ``deploy/profiles.example.yaml``
+(which the demo applies to the stand-in); then, for the second demo user,
+linking the stand-in's second customer through the mapping API, reading the
+mapping back, and a subscription flow on the subscription the link backfilled.
+Each printed command is parsed as a shell would and sent as curl would send it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -99,6 +101,8 @@ async def demo(database_url: str) -> Any:
 
 async def test_the_printed_commands_work(demo: str) -> None:
     session_cmd, put_cmd, get_cmd, second_session_cmd = _commands(demo)
+    # A profile of deploy/profiles.example.yaml, applied to the stand-in at start (SPEC §12).
+    assert json.loads(session_cmd[-1])["portal"] == "pro"
     async with aiohttp.ClientSession() as session:
         status, body = await _as_curl(session, session_cmd)
         assert status == 201, body

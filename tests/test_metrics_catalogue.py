@@ -41,6 +41,7 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     "portal_gateway_build_info": ("gauge", frozenset({"version"})),
     "portal_gateway_mapping_conflicts_total": ("counter", frozenset({"source"})),
     "portal_gateway_mapping_changes_total": ("counter", frozenset({"source", "change"})),
+    "portal_gateway_profile_drift": ("gauge", frozenset({"profile"})),
     # Not in the table; added for the readiness alert (README, runbook).
     "portal_gateway_ready": ("gauge", frozenset()),
 }

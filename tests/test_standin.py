@@ -2,8 +2,10 @@
 
 The stand-in is the Stripe our other tests and the demo talk to, so these pin
 what they rely on: Stripe's strictness on ``POST /v1/billing_portal/sessions``,
-its error shapes, auth, idempotency, the recordings, every fault kind, and the
-subscription list's pagination.
+its error shapes, auth, idempotency, the recordings, every fault kind, the
+subscription list's pagination, and the portal configuration endpoints (their
+parameter rules, update merging, Connect scoping, the catalogue, what sessions
+refuse because of a configuration, and Dashboard edits).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from stripe_standin import (
     decode_form,
     mask_api_key,
 )
-from tests.helpers import customer_event
+from tests.helpers import configuration_event, customer_event
 
 Client = TestClient[web.Request, web.Application]
 Pairs = list[tuple[str, str]]
@@ -1563,3 +1565,998 @@ def test_customer_event_helper_builds_connect_events() -> None:
     assert "account" not in platform
     assert "previous_attributes" not in platform["data"]
     assert platform["id"] != event["id"]
+
+
+# --------------------------------------------------------------------------- portal configurations
+
+CONFIGS = "/v1/billing_portal/configurations"
+SU = "features[subscription_update]"
+SC = "features[subscription_cancel]"
+# The keys of Stripe's reference object (2025-09-30.clover).
+CONFIGURATION_KEYS = {
+    "id",
+    "object",
+    "active",
+    "application",
+    "business_profile",
+    "created",
+    "default_return_url",
+    "features",
+    "is_default",
+    "livemode",
+    "login_page",
+    "metadata",
+    "name",
+    "updated",
+}
+MINIMAL: Pairs = [("features[invoice_history][enabled]", "true")]
+# The reference page's example, against a seeded catalogue.
+EXAMPLE: Pairs = [
+    ("business_profile[headline]", "Manage your plan"),
+    ("features[payment_method_update][enabled]", "true"),
+    (f"{SC}[enabled]", "true"),
+    (f"{SC}[mode]", "at_period_end"),
+    (f"{SU}[enabled]", "true"),
+    (f"{SU}[default_allowed_updates][0]", "price"),
+    (f"{SU}[products][0][product]", "prod_Pro"),
+    (f"{SU}[products][0][prices][0]", "price_ProYearly"),
+    ("metadata[content_hash]", "3f2a9c"),
+]
+CATALOGUE = [
+    {"id": "prod_Pro", "prices": ["price_ProMonthly", "price_ProYearly"]},
+    {"id": "prod_Team", "prices": ["price_TeamMonthly"]},
+]
+
+
+async def stripe_post(
+    client: Client,
+    path: str,
+    pairs: Pairs,
+    account: str | None = None,
+    key: str | None = None,
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
+    headers = {**AUTH}
+    if account is not None:
+        headers["Stripe-Account"] = account
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    async with client.post(path, data=pairs, headers=headers) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def create_configuration(
+    client: Client, pairs: Pairs = MINIMAL, account: str | None = None
+) -> dict[str, Any]:
+    status, body, _ = await stripe_post(client, CONFIGS, pairs, account)
+    assert status == 200, body
+    config: dict[str, Any] = body
+    return config
+
+
+def error_of(status: int, body: Any) -> tuple[int, str | None, str | None]:
+    error = body["error"]
+    return status, error.get("code"), error.get("param")
+
+
+async def test_configuration_create_has_the_reference_shape_and_defaults(client: Client) -> None:
+    before = int(time.time())
+    config = await create_configuration(client)
+
+    assert set(config) == CONFIGURATION_KEYS
+    assert config["id"].startswith("bpc_")
+    assert config["object"] == "billing_portal.configuration"
+    assert (config["active"], config["is_default"], config["livemode"]) == (True, False, False)
+    assert config["application"] is None
+    assert before <= config["created"] == config["updated"] <= int(time.time())
+    assert config["business_profile"] == {
+        "headline": None,
+        "privacy_policy_url": None,
+        "terms_of_service_url": None,
+    }
+    assert (config["default_return_url"], config["name"], config["metadata"]) == (None, None, {})
+    assert config["login_page"] == {"enabled": False, "url": None}
+    assert config["features"] == {
+        "customer_update": {"allowed_updates": [], "enabled": False},
+        "invoice_history": {"enabled": True},
+        "payment_method_update": {"enabled": False},
+        "subscription_cancel": {
+            "cancellation_reason": {"enabled": False, "options": []},
+            "enabled": False,
+            "mode": "at_period_end",
+            "proration_behavior": "none",
+        },
+        "subscription_update": {
+            "default_allowed_updates": [],
+            "enabled": False,
+            "products": None,
+            "proration_behavior": "none",
+            "schedule_at_period_end": {"conditions": []},
+            "trial_update_behavior": "end_trial",
+        },
+    }
+
+
+async def test_configuration_create_takes_every_parameter(client: Client) -> None:
+    await control(client, "POST", "catalogue", {"products": CATALOGUE})
+    config = await create_configuration(
+        client,
+        [
+            *EXAMPLE,
+            ("business_profile[privacy_policy_url]", "https://example.com/privacy"),
+            ("business_profile[terms_of_service_url]", "https://example.com/terms"),
+            ("default_return_url", "https://example.com/account"),
+            ("name", "pro"),
+            ("login_page[enabled]", "true"),
+            ("features[customer_update][enabled]", "true"),
+            ("features[customer_update][allowed_updates][0]", "email"),
+            ("features[customer_update][allowed_updates][1]", "tax_id"),
+            (f"{SC}[mode]", "immediately"),
+            (f"{SC}[proration_behavior]", "create_prorations"),
+            (f"{SC}[cancellation_reason][enabled]", "true"),
+            (f"{SC}[cancellation_reason][options][0]", "too_expensive"),
+            (f"{SU}[products][0][prices][1]", "price_ProMonthly"),
+            (f"{SU}[products][0][adjustable_quantity][enabled]", "true"),
+            (f"{SU}[products][0][adjustable_quantity][maximum]", "5"),
+            (f"{SU}[products][1][product]", "prod_Team"),
+            (f"{SU}[products][1][prices][0]", "price_TeamMonthly"),
+            (f"{SU}[proration_behavior]", "always_invoice"),
+            (f"{SU}[schedule_at_period_end][conditions][0][type]", "shortening_interval"),
+            (f"{SU}[trial_update_behavior]", "continue_trial"),
+            ("expand[0]", "application"),
+        ],
+    )
+
+    assert config["business_profile"] == {
+        "headline": "Manage your plan",
+        "privacy_policy_url": "https://example.com/privacy",
+        "terms_of_service_url": "https://example.com/terms",
+    }
+    assert (config["default_return_url"], config["name"]) == ("https://example.com/account", "pro")
+    assert config["login_page"]["enabled"] is True
+    assert config["login_page"]["url"].startswith("https://billing.stripe.com/p/login/")
+    assert config["metadata"] == {"content_hash": "3f2a9c"}
+    features = config["features"]
+    assert features["customer_update"] == {"allowed_updates": ["email", "tax_id"], "enabled": True}
+    assert features["payment_method_update"] == {"enabled": True}
+    assert features["subscription_cancel"] == {
+        "cancellation_reason": {"enabled": True, "options": ["too_expensive"]},
+        "enabled": True,
+        "mode": "immediately",
+        "proration_behavior": "create_prorations",
+    }
+    assert features["subscription_update"] == {
+        "default_allowed_updates": ["price"],
+        "enabled": True,
+        "products": [
+            {
+                "adjustable_quantity": {"enabled": True, "maximum": 5, "minimum": 1},
+                "prices": ["price_ProYearly", "price_ProMonthly"],
+                "product": "prod_Pro",
+            },
+            {
+                "adjustable_quantity": {"enabled": False, "maximum": None, "minimum": 1},
+                "prices": ["price_TeamMonthly"],
+                "product": "prod_Team",
+            },
+        ],
+        "proration_behavior": "always_invoice",
+        "schedule_at_period_end": {"conditions": [{"type": "shortening_interval"}]},
+        "trial_update_behavior": "continue_trial",
+    }
+
+
+async def test_configuration_create_takes_empty_strings_only_where_they_mean_none(
+    client: Client,
+) -> None:
+    config = await create_configuration(
+        client,
+        [*MINIMAL, ("business_profile[headline]", ""), ("name", ""), ("default_return_url", "")],
+    )
+    assert (config["business_profile"]["headline"], config["name"]) == (None, None)
+    assert config["default_return_url"] is None
+
+
+ELEVEN_PRODUCTS: Pairs = [
+    pair
+    for index in range(11)
+    for pair in (
+        (f"{SU}[products][{index}][product]", f"prod_{index}"),
+        (f"{SU}[products][{index}][prices][0]", f"price_{index}"),
+    )
+]
+
+CONFIGURATION_REJECTIONS: list[tuple[str, Pairs, str, str]] = [
+    ("features missing", [("name", "x")], "parameter_missing", "features"),
+    ("unknown top level", [*MINIMAL, ("color", "red")], "parameter_unknown", "color"),
+    ("active is update-only", [*MINIMAL, ("active", "true")], "parameter_unknown", "active"),
+    (
+        "subscription_pause came later",
+        [("features[subscription_pause][enabled]", "true")],
+        "parameter_unknown",
+        "features[subscription_pause]",
+    ),
+    (
+        "payment_method_configuration came later",
+        [
+            ("features[payment_method_update][enabled]", "true"),
+            ("features[payment_method_update][payment_method_configuration]", "pmc_1"),
+        ],
+        "parameter_unknown",
+        "features[payment_method_update][payment_method_configuration]",
+    ),
+    (
+        "feedback_options came later",
+        [
+            (f"{SC}[enabled]", "true"),
+            (f"{SC}[cancellation_reason][enabled]", "true"),
+            (f"{SC}[cancellation_reason][options][0]", "other"),
+            (f"{SC}[cancellation_reason][feedback_options][0]", "other"),
+        ],
+        "parameter_unknown",
+        f"{SC}[cancellation_reason][feedback_options]",
+    ),
+    (
+        "billing_cycle_anchor came later",
+        [(f"{SU}[enabled]", "true"), (f"{SU}[billing_cycle_anchor]", "now")],
+        "parameter_unknown",
+        f"{SU}[billing_cycle_anchor]",
+    ),
+    (
+        "enabled missing",
+        [("features[customer_update][allowed_updates][0]", "email")],
+        "parameter_missing",
+        "features[customer_update][enabled]",
+    ),
+    (
+        "cancellation_reason without options",
+        [(f"{SC}[enabled]", "true"), (f"{SC}[cancellation_reason][enabled]", "true")],
+        "parameter_missing",
+        f"{SC}[cancellation_reason][options]",
+    ),
+    (
+        "product without prices",
+        [(f"{SU}[enabled]", "true"), (f"{SU}[products][0][product]", "prod_Pro")],
+        "parameter_missing",
+        f"{SU}[products][0][prices]",
+    ),
+    (
+        "price without product",
+        [(f"{SU}[enabled]", "true"), (f"{SU}[products][0][prices][0]", "price_ProYearly")],
+        "parameter_missing",
+        f"{SU}[products][0][product]",
+    ),
+    (
+        "login_page without enabled",
+        [*MINIMAL, ("login_page[url]", "https://x.example")],
+        "parameter_unknown",
+        "login_page[url]",
+    ),
+    (
+        "empty enabled",
+        [("features[invoice_history][enabled]", "")],
+        "parameter_invalid_empty",
+        "features[invoice_history][enabled]",
+    ),
+    (
+        "empty metadata value on create",
+        [*MINIMAL, ("metadata[k]", "")],
+        "parameter_invalid_empty",
+        "metadata[k]",
+    ),
+    (
+        "empty list on create",
+        [
+            ("features[customer_update][enabled]", "true"),
+            ("features[customer_update][allowed_updates]", ""),
+        ],
+        "parameter_invalid_empty",
+        "features[customer_update][allowed_updates]",
+    ),
+    (
+        "boolean",
+        [("features[invoice_history][enabled]", "yes")],
+        "parameter_invalid_boolean",
+        "features[invoice_history][enabled]",
+    ),
+    (
+        "cancel mode",
+        [(f"{SC}[enabled]", "true"), (f"{SC}[mode]", "later")],
+        "parameter_invalid_string",
+        f"{SC}[mode]",
+    ),
+    (
+        "allowed update",
+        [
+            ("features[customer_update][enabled]", "true"),
+            ("features[customer_update][allowed_updates][0]", "color"),
+        ],
+        "parameter_invalid_string",
+        "features[customer_update][allowed_updates][0]",
+    ),
+    (
+        "cancellation reason",
+        [
+            (f"{SC}[enabled]", "true"),
+            (f"{SC}[cancellation_reason][enabled]", "true"),
+            (f"{SC}[cancellation_reason][options][0]", "bored"),
+        ],
+        "parameter_invalid_string",
+        f"{SC}[cancellation_reason][options][0]",
+    ),
+    (
+        "condition type",
+        [(f"{SU}[enabled]", "true"), (f"{SU}[schedule_at_period_end][conditions][0][type]", "x")],
+        "parameter_invalid_string",
+        f"{SU}[schedule_at_period_end][conditions][0][type]",
+    ),
+    (
+        "trial update behavior",
+        [(f"{SU}[enabled]", "true"), (f"{SU}[trial_update_behavior]", "pause")],
+        "parameter_invalid_string",
+        f"{SU}[trial_update_behavior]",
+    ),
+    (
+        "headline over 60",
+        [*MINIMAL, ("business_profile[headline]", "x" * 61)],
+        "parameter_invalid_string",
+        "business_profile[headline]",
+    ),
+    (
+        "more than 10 products",
+        [(f"{SU}[enabled]", "true"), *ELEVEN_PRODUCTS],
+        "parameter_invalid_array",
+        f"{SU}[products]",
+    ),
+    (
+        "return url",
+        [*MINIMAL, ("default_return_url", "not a url")],
+        "url_invalid",
+        "default_return_url",
+    ),
+    (
+        "privacy url",
+        [*MINIMAL, ("business_profile[privacy_policy_url]", "ftp://example.com/p")],
+        "url_invalid",
+        "business_profile[privacy_policy_url]",
+    ),
+    (
+        "cancel always_invoice",
+        [
+            (f"{SC}[enabled]", "true"),
+            (f"{SC}[mode]", "immediately"),
+            (f"{SC}[proration_behavior]", "always_invoice"),
+        ],
+        "parameter_invalid_string",
+        f"{SC}[proration_behavior]",
+    ),
+    (
+        "cancel create_prorations at period end",
+        [(f"{SC}[enabled]", "true"), (f"{SC}[proration_behavior]", "create_prorations")],
+        "parameter_invalid_string",
+        f"{SC}[proration_behavior]",
+    ),
+    ("expand", [*MINIMAL, ("expand[0]", "features")], "parameter_invalid_string", "expand[0]"),
+    (
+        "metadata key over 40",
+        [*MINIMAL, ("metadata[" + "k" * 41 + "]", "v")],
+        "parameter_invalid_object",
+        "metadata[" + "k" * 41 + "]",
+    ),
+    (
+        "metadata over 50 keys",
+        [*MINIMAL, *[(f"metadata[k{index}]", "v") for index in range(51)]],
+        "parameter_invalid_object",
+        "metadata",
+    ),
+    (
+        "malformed price id",
+        [
+            (f"{SU}[enabled]", "true"),
+            (f"{SU}[products][0][product]", "prod_Pro"),
+            (f"{SU}[products][0][prices][0]", "plan_pro"),
+        ],
+        "resource_missing",
+        f"{SU}[products][0][prices][0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "code", "param"),
+    [case[1:] for case in CONFIGURATION_REJECTIONS],
+    ids=[case[0] for case in CONFIGURATION_REJECTIONS],
+)
+async def test_configuration_create_rejections(
+    client: Client, pairs: Pairs, code: str, param: str
+) -> None:
+    status, body, _ = await stripe_post(client, CONFIGS, pairs)
+
+    assert error_of(status, body) == (400, code, param), body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"]
+    assert state_of(client).configurations == {}
+
+
+async def test_configuration_cancellation_prorations_need_immediate_mode(client: Client) -> None:
+    config = await create_configuration(
+        client,
+        [
+            (f"{SC}[enabled]", "true"),
+            (f"{SC}[mode]", "immediately"),
+            (f"{SC}[proration_behavior]", "create_prorations"),
+        ],
+    )
+    assert config["features"]["subscription_cancel"]["proration_behavior"] == "create_prorations"
+    # Moving back to at_period_end while create_prorations stays is refused, and changes nothing.
+    status, body, _ = await stripe_post(
+        client, f"{CONFIGS}/{config['id']}", [(f"{SC}[mode]", "at_period_end")]
+    )
+    assert error_of(status, body) == (400, "parameter_invalid_string", f"{SC}[proration_behavior]")
+    assert state_of(client).configurations[config["id"]] == config
+
+
+def products_pairs(*products: tuple[str, list[str]]) -> Pairs:
+    pairs: Pairs = [(f"{SU}[enabled]", "true")]
+    for index, (product, prices) in enumerate(products):
+        pairs.append((f"{SU}[products][{index}][product]", product))
+        pairs += [
+            (f"{SU}[products][{index}][prices][{position}]", price)
+            for position, price in enumerate(prices)
+        ]
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("products", "code", "param"),
+    [
+        (
+            [("prod_Pro", ["price_ProMonthly", "price_Nope"])],
+            "resource_missing",
+            f"{SU}[products][0][prices][1]",
+        ),
+        (
+            [("prod_Pro", ["price_ProMonthly"]), ("prod_Nope", ["price_TeamMonthly"])],
+            "resource_missing",
+            f"{SU}[products][1][product]",
+        ),
+        (
+            [("prod_Pro", ["price_ProYearly"]), ("prod_Team", ["price_ProMonthly"])],
+            "parameter_invalid_string",
+            f"{SU}[products][1][prices][0]",
+        ),
+        ([("prod_Gone", ["price_ProMonthly"])], "resource_missing", f"{SU}[products][0][product]"),
+    ],
+    ids=["unknown price", "unknown product", "price of another product", "declared missing"],
+)
+async def test_configuration_products_must_be_in_the_catalogue(
+    client: Client, products: list[tuple[str, list[str]]], code: str, param: str
+) -> None:
+    await control(client, "POST", "catalogue", {"products": CATALOGUE})
+    await control(client, "POST", "missing", {"ids": ["prod_Gone"]})
+
+    for path in (CONFIGS, f"{CONFIGS}/{(await create_configuration(client))['id']}"):
+        status, body, _ = await stripe_post(client, path, products_pairs(*products))
+        assert error_of(status, body) == (400, code, param), body
+        if code == "resource_missing":
+            assert "No such" in body["error"]["message"]
+
+
+async def test_configuration_products_pass_until_a_catalogue_is_seeded(client: Client) -> None:
+    # Backward compatible: nothing seeded, any well-formed prod_/price_ id is taken.
+    config = await create_configuration(client, products_pairs(("prod_Any", ["price_Any"])))
+    assert config["features"]["subscription_update"]["products"][0]["prices"] == ["price_Any"]
+
+    # Once any product is seeded, also on another account, unknown ids are missing ...
+    await control(
+        client,
+        "POST",
+        "catalogue",
+        {"products": [{"id": "prod_Pro", "prices": ["price_ProYearly"], "account": "acct_A"}]},
+    )
+    status, body, _ = await stripe_post(
+        client, CONFIGS, products_pairs(("prod_Any", ["price_Any"]))
+    )
+    assert error_of(status, body) == (400, "resource_missing", f"{SU}[products][0][product]")
+    # ... and a product of another account is missing here.
+    status, body, _ = await stripe_post(
+        client, CONFIGS, products_pairs(("prod_Pro", ["price_ProYearly"]))
+    )
+    assert error_of(status, body) == (400, "resource_missing", f"{SU}[products][0][product]")
+    await create_configuration(client, products_pairs(("prod_Pro", ["price_ProYearly"])), "acct_A")
+
+    listed = await control(client, "GET", "catalogue")
+    assert listed == {
+        "products": [{"id": "prod_Pro", "prices": ["price_ProYearly"], "account": "acct_A"}]
+    }
+    assert await control(client, "DELETE", "catalogue") == {"deleted": 1}
+    await create_configuration(client, products_pairs(("prod_Any", ["price_Any"])))
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        "prod_x",
+        {"id": "price_x"},
+        {"id": "prod_x", "prices": "price_a"},
+        {"id": "prod_x", "prices": ["prod_y"]},
+        {"id": "prod_x", "account": "cus_1"},
+        {"id": "prod_x", "name": "Pro"},
+    ],
+)
+async def test_bad_catalogue_seeds_are_refused(client: Client, seed: object) -> None:
+    async with client.post("/_standin/catalogue", json={"products": [seed]}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]
+    assert state_of(client).catalogue.products == {}
+
+
+async def test_configuration_update_merges_and_clears(client: Client) -> None:
+    await control(client, "POST", "catalogue", {"products": CATALOGUE})
+    config = await create_configuration(
+        client,
+        [
+            *EXAMPLE,
+            ("name", "pro"),
+            ("default_return_url", "https://example.com/account"),
+            ("business_profile[privacy_policy_url]", "https://example.com/privacy"),
+            ("metadata[keep]", "1"),
+            ("features[customer_update][enabled]", "true"),
+            ("features[customer_update][allowed_updates][0]", "email"),
+            (f"{SU}[schedule_at_period_end][conditions][0][type]", "decreasing_item_amount"),
+            ("login_page[enabled]", "true"),
+        ],
+    )
+    login_url = config["login_page"]["url"]
+
+    # `enabled` may be left out here; nested objects merge; a list sent replaces.
+    status, updated, _ = await stripe_post(
+        client,
+        f"{CONFIGS}/{config['id']}",
+        [
+            (f"{SC}[mode]", "immediately"),
+            (f"{SU}[default_allowed_updates][0]", "quantity"),
+            (f"{SU}[default_allowed_updates][1]", "promotion_code"),
+            (f"{SU}[products][0][product]", "prod_Team"),
+            (f"{SU}[products][0][prices][0]", "price_TeamMonthly"),
+            ("business_profile[headline]", "New"),
+            ("metadata[content_hash]", "ffff"),
+        ],
+    )
+    assert status == 200, updated
+    assert updated["id"] == config["id"]
+    assert updated["created"] == config["created"]
+    assert updated["updated"] > config["updated"]
+    features = updated["features"]
+    assert features["subscription_cancel"]["enabled"] is True
+    assert features["subscription_cancel"]["mode"] == "immediately"
+    assert features["subscription_update"]["default_allowed_updates"] == [
+        "quantity",
+        "promotion_code",
+    ]
+    assert [p["product"] for p in features["subscription_update"]["products"]] == ["prod_Team"]
+    assert features["subscription_update"]["enabled"] is True
+    assert updated["business_profile"] == {
+        "headline": "New",
+        "privacy_policy_url": "https://example.com/privacy",
+        "terms_of_service_url": None,
+    }
+    assert updated["metadata"] == {"content_hash": "ffff", "keep": "1"}
+    assert updated["login_page"] == {"enabled": True, "url": login_url}
+
+    # "" clears: strings to null, lists to [], products to null, one key or all metadata.
+    status, cleared, _ = await stripe_post(
+        client,
+        f"{CONFIGS}/{config['id']}",
+        [
+            ("business_profile[headline]", ""),
+            ("business_profile[privacy_policy_url]", ""),
+            ("default_return_url", ""),
+            ("name", ""),
+            ("features[customer_update][allowed_updates]", ""),
+            (f"{SU}[default_allowed_updates]", ""),
+            (f"{SU}[products]", ""),
+            (f"{SU}[schedule_at_period_end][conditions]", ""),
+            ("metadata[keep]", ""),
+            ("login_page[enabled]", "false"),
+        ],
+    )
+    assert status == 200, cleared
+    assert cleared["business_profile"]["headline"] is None
+    assert cleared["business_profile"]["privacy_policy_url"] is None
+    assert (cleared["default_return_url"], cleared["name"]) == (None, None)
+    assert cleared["features"]["customer_update"] == {"allowed_updates": [], "enabled": True}
+    subscription_update = cleared["features"]["subscription_update"]
+    assert subscription_update["default_allowed_updates"] == []
+    assert subscription_update["products"] is None
+    assert subscription_update["schedule_at_period_end"] == {"conditions": []}
+    assert cleared["metadata"] == {"content_hash": "ffff"}
+    assert cleared["login_page"] == {"enabled": False, "url": None}
+    assert cleared["updated"] > updated["updated"]
+
+    status, emptied, _ = await stripe_post(client, f"{CONFIGS}/{config['id']}", [("metadata", "")])
+    assert (status, emptied["metadata"]) == (200, {})
+    status, retrieved = await stripe_get(client, f"{CONFIGS}/{config['id']}")
+    assert (status, retrieved) == (200, emptied)
+
+
+async def test_configuration_update_deactivates_and_keeps_update_rules(client: Client) -> None:
+    config = await create_configuration(client)
+    path = f"{CONFIGS}/{config['id']}"
+
+    status, body, _ = await stripe_post(client, path, [("active", "false")])
+    assert (status, body["active"]) == (200, False)
+    status, body, _ = await stripe_post(client, path, [("active", "true")])
+    assert (status, body["active"]) == (200, True)
+
+    rejections = [
+        ([("features[invoice_history][allowed]", "true")], "parameter_unknown"),
+        ([("features[payment_method_update][enabled]", "")], "parameter_invalid_empty"),
+        ([("features[invoice_history][enabled]", "")], "parameter_invalid_empty"),
+        ([("active", "")], "parameter_invalid_empty"),
+        ([("active", "no")], "parameter_invalid_boolean"),
+        ([("business_profile[headline]", "y" * 61)], "parameter_invalid_string"),
+        ([(f"{SC}[cancellation_reason][options][0]", "other")], "parameter_missing"),
+    ]
+    for pairs, code in rejections:
+        status, body, _ = await stripe_post(client, path, pairs)
+        assert (status, body["error"]["code"]) == (400, code), (pairs, body)
+    # invoice_history still needs its enabled in an update.
+    status, body, _ = await stripe_post(client, path, [("features[invoice_history][x]", "1")])
+    assert error_of(status, body) == (400, "parameter_unknown", "features[invoice_history][x]")
+    status, body, _ = await stripe_post(
+        client, path, [("name", "x"), ("features[invoice_history]", "")]
+    )
+    assert status == 400
+    assert state_of(client).configurations[config["id"]]["name"] is None
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_unknown_configuration_is_a_stripe_404(client: Client, method: str) -> None:
+    async with client.request(method, f"{CONFIGS}/bpc_1Nope", headers=AUTH) as resp:
+        body = await resp.json()
+        assert error_of(resp.status, body) == (404, "resource_missing", "id")
+        assert body["error"]["message"] == "No such configuration: 'bpc_1Nope'"
+
+
+async def test_configuration_retrieve_takes_only_expand(client: Client) -> None:
+    config = await create_configuration(client)
+    status, body = await stripe_get(
+        client, f"{CONFIGS}/{config['id']}", **{"expand[0]": "application"}
+    )
+    assert (status, body) == (200, config)
+    status, body = await stripe_get(client, f"{CONFIGS}/{config['id']}", active="true")
+    assert error_of(status, body) == (400, "parameter_unknown", "active")
+
+
+async def test_configuration_idempotency_replays_and_refuses_other_params(client: Client) -> None:
+    status, first, _ = await stripe_post(client, CONFIGS, MINIMAL, key="profile-pro-1")
+    assert status == 200
+    status, again, headers = await stripe_post(client, CONFIGS, MINIMAL, key="profile-pro-1")
+    assert (status, again) == (200, first)
+    assert headers["Idempotent-Replayed"] == "true"
+    assert list(state_of(client).configurations) == [first["id"]]
+
+    other = [("features[invoice_history][enabled]", "false")]
+    status, body, _ = await stripe_post(client, CONFIGS, other, key="profile-pro-1")
+    assert (status, body["error"]["type"]) == (400, "idempotency_error")
+    assert len(state_of(client).configurations) == 1
+
+    # Updates replay too: the same answer, `updated` not moved again.
+    path = f"{CONFIGS}/{first['id']}"
+    status, updated, _ = await stripe_post(client, path, [("name", "a")], key="profile-pro-u")
+    status, replayed, headers = await stripe_post(
+        client, path, [("name", "a")], key="profile-pro-u"
+    )
+    assert (status, replayed, headers["Idempotent-Replayed"]) == (200, updated, "true")
+    assert state_of(client).configurations[first["id"]]["updated"] == updated["updated"]
+    status, body, _ = await stripe_post(client, path, [("name", "b")], key="profile-pro-u")
+    assert (status, body["error"]["type"]) == (400, "idempotency_error")
+    # A key is per account: the same key on a connected account creates there.
+    status, there, _ = await stripe_post(client, CONFIGS, MINIMAL, "acct_A", key="profile-pro-1")
+    assert status == 200
+    assert there["id"] != first["id"]
+
+
+async def test_stripe_account_scopes_configurations(client: Client) -> None:
+    platform = await create_configuration(client)
+    on_a = await create_configuration(client, account="acct_A")
+
+    for account, visible, hidden in ((None, platform, on_a), ("acct_A", on_a, platform)):
+        status, body = await stripe_get(client, f"{CONFIGS}/{visible['id']}", account)
+        assert (status, body["id"]) == (200, visible["id"])
+        status, body = await stripe_get(client, f"{CONFIGS}/{hidden['id']}", account)
+        assert error_of(status, body) == (404, "resource_missing", "id")
+        status, body, _ = await stripe_post(
+            client, f"{CONFIGS}/{hidden['id']}", [("name", "x")], account
+        )
+        assert error_of(status, body) == (404, "resource_missing", "id")
+        status, page = await stripe_get(client, CONFIGS, account)
+        assert [config["id"] for config in page["data"]] == [visible["id"]]
+    status, page = await stripe_get(client, CONFIGS, "acct_B")
+    assert page["data"] == []
+    assert state_of(client).configurations[on_a["id"]]["name"] is None
+    shown = await control(client, "GET", "billing_portal/configurations")
+    assert {c["id"]: c["account"] for c in shown["configurations"]} == {
+        platform["id"]: None,
+        on_a["id"]: "acct_A",
+    }
+
+
+async def test_configuration_list_filters_and_pages_newest_first(client: Client) -> None:
+    ids = [(await create_configuration(client))["id"] for _ in range(5)]
+    state = state_of(client)
+    for index, config_id in enumerate(ids):  # distinct seconds, oldest first
+        state.configurations[config_id]["created"] = 1_700_000_000 + index
+    await stripe_post(client, f"{CONFIGS}/{ids[1]}", [("active", "false")])
+    newest_first = ids[::-1]
+
+    status, page = await stripe_get(client, CONFIGS)
+    assert status == 200
+    assert (page["object"], page["url"], page["has_more"]) == ("list", CONFIGS, False)
+    assert [c["id"] for c in page["data"]] == newest_first
+
+    status, page = await stripe_get(client, CONFIGS, limit="2")
+    assert ([c["id"] for c in page["data"]], page["has_more"]) == (newest_first[:2], True)
+    status, page = await stripe_get(client, CONFIGS, limit="2", starting_after=newest_first[1])
+    assert [c["id"] for c in page["data"]] == newest_first[2:4]
+    status, page = await stripe_get(client, CONFIGS, limit="2", ending_before=newest_first[4])
+    assert [c["id"] for c in page["data"]] == newest_first[2:4]
+
+    status, page = await stripe_get(client, CONFIGS, active="false")
+    assert [c["id"] for c in page["data"]] == [ids[1]]
+    status, page = await stripe_get(client, CONFIGS, active="true")
+    assert [c["id"] for c in page["data"]] == [i for i in newest_first if i != ids[1]]
+    status, page = await stripe_get(client, CONFIGS, is_default="true")
+    assert page["data"] == []
+    status, page = await stripe_get(client, CONFIGS, is_default="false", limit="1")
+    assert ([c["id"] for c in page["data"]], page["has_more"]) == (newest_first[:1], True)
+
+
+async def test_configurations_made_in_one_second_list_latest_first(client: Client) -> None:
+    ids = [(await create_configuration(client))["id"] for _ in range(3)]
+    for config_id in ids:
+        state_of(client).configurations[config_id]["created"] = 1_700_000_000
+    _, page = await stripe_get(client, CONFIGS)
+    assert [c["id"] for c in page["data"]] == ids[::-1]
+
+
+@pytest.mark.parametrize(
+    ("params", "code", "param"),
+    [
+        ({"active": "yes"}, "parameter_invalid_boolean", "active"),
+        ({"is_default": ""}, "parameter_invalid_empty", "is_default"),
+        ({"limit": "0"}, "parameter_invalid_integer", "limit"),
+        ({"limit": "101"}, "parameter_invalid_integer", "limit"),
+        ({"name": "x"}, "parameter_unknown", "name"),
+        ({"starting_after": "bpc_1Nope"}, "resource_missing", "starting_after"),
+        (
+            {"starting_after": "bpc_1", "ending_before": "bpc_2"},
+            "parameters_exclusive",
+            "ending_before",
+        ),
+    ],
+)
+async def test_configuration_list_rejections(
+    client: Client, params: dict[str, str], code: str, param: str
+) -> None:
+    status, body = await stripe_get(client, CONFIGS, **params)
+    assert error_of(status, body) == (400, code, param)
+
+
+async def test_configuration_routes_need_a_key(client: Client) -> None:
+    async with client.post(CONFIGS, data=MINIMAL) as resp:
+        assert resp.status == 401
+    async with client.get(CONFIGS) as resp:
+        assert resp.status == 401
+    assert state_of(client).configurations == {}
+
+
+async def test_faults_apply_to_configuration_routes(client: Client) -> None:
+    faults = [{"status": 500}, {"wrong_object": "invoice"}]
+    await control(client, "POST", "faults", {"faults": faults})
+    status, body, _ = await stripe_post(client, CONFIGS, MINIMAL)
+    assert (status, body["error"]["type"]) == (500, "api_error")
+    status, body = await stripe_get(client, CONFIGS)
+    assert (status, body["object"]) == (200, "invoice")
+    assert state_of(client).configurations == {}
+
+
+# ------------------------------------------------------------------ sessions and configurations
+
+OFFERING: Pairs = [
+    ("features[payment_method_update][enabled]", "true"),
+    (f"{SC}[enabled]", "true"),
+    *products_pairs(("prod_Pro", ["price_ProYearly"])),
+]
+SESSION_FLOWS: dict[str, Pairs] = {
+    "payment_method_update": [("flow_data[type]", "payment_method_update")],
+    "subscription_cancel": [
+        ("flow_data[type]", "subscription_cancel"),
+        ("flow_data[subscription_cancel][subscription]", "sub_1"),
+    ],
+    "subscription_update": [
+        ("flow_data[type]", "subscription_update"),
+        ("flow_data[subscription_update][subscription]", "sub_1"),
+    ],
+    "subscription_update_confirm": [
+        ("flow_data[type]", "subscription_update_confirm"),
+        (f"{SUC}[subscription]", "sub_1"),
+        (f"{SUC}[items][0][id]", "si_1"),
+        (f"{SUC}[items][0][price]", "price_ProYearly"),
+    ],
+}
+FEATURE_OF_FLOW = {
+    "payment_method_update": "features[payment_method_update][enabled]",
+    "subscription_cancel": f"{SC}[enabled]",
+    "subscription_update": f"{SU}[enabled]",
+    "subscription_update_confirm": f"{SU}[enabled]",
+}
+
+
+@pytest.mark.parametrize("flow", list(SESSION_FLOWS))
+async def test_session_needs_the_flows_feature_enabled(client: Client, flow: str) -> None:
+    config = await create_configuration(client, OFFERING)
+    session = [*CUS, ("configuration", config["id"]), *SESSION_FLOWS[flow]]
+    status, body, _ = await post_session(client, session)
+    assert (status, body.get("configuration")) == (200, config["id"]), body
+
+    status, _, _ = await stripe_post(
+        client, f"{CONFIGS}/{config['id']}", [(FEATURE_OF_FLOW[flow], "false")]
+    )
+    assert status == 200
+    status, body, _ = await post_session(client, session)
+    assert error_of(status, body) == (400, "feature_disabled", "flow_data[type]")
+    assert FEATURE_OF_FLOW[flow].removesuffix("[enabled]") in body["error"]["message"]
+    # A session without a flow only needs the configuration to be active.
+    status, body, _ = await post_session(client, [*CUS, ("configuration", config["id"])])
+    assert status == 200
+
+
+async def test_session_refuses_an_inactive_configuration(client: Client) -> None:
+    config = await create_configuration(client, OFFERING)
+    await stripe_post(client, f"{CONFIGS}/{config['id']}", [("active", "false")])
+    status, body, _ = await post_session(client, [*CUS, ("configuration", config["id"])])
+    assert error_of(status, body) == (400, "configuration_inactive", "configuration")
+
+
+async def test_session_confirm_price_must_be_offered(client: Client) -> None:
+    config = await create_configuration(client, OFFERING)
+    confirm = [*CUS, ("configuration", config["id"]), *SESSION_FLOWS["subscription_update_confirm"]]
+    other_price = [(k, "price_TeamMonthly" if k.endswith("[price]") else v) for k, v in confirm]
+    status, body, _ = await post_session(client, other_price)
+    assert error_of(status, body) == (400, "price_not_offered", f"{SUC}[items][0][price]")
+    # A quantity-only change names no price: nothing to check.
+    no_price = [(k, v) for k, v in confirm if not k.endswith("[price]")]
+    status, body, _ = await post_session(client, [*no_price, (f"{SUC}[items][0][quantity]", "2")])
+    assert status == 200, body
+    # Without products, no price is offered.
+    await stripe_post(client, f"{CONFIGS}/{config['id']}", [(f"{SU}[products]", "")])
+    status, body, _ = await post_session(client, confirm)
+    assert error_of(status, body) == (400, "price_not_offered", f"{SUC}[items][0][price]")
+
+
+async def test_session_configuration_must_be_on_the_callers_account(client: Client) -> None:
+    on_a = await create_configuration(client, OFFERING, account="acct_A")
+    status, body, _ = await post_session(client, [*CUS, ("configuration", on_a["id"])])
+    assert error_of(status, body) == (400, "resource_missing", "configuration")
+    status, body, _ = await post_session(
+        client, [*CUS, ("configuration", on_a["id"])], {"Stripe-Account": "acct_A"}
+    )
+    assert status == 200, body
+    # A configuration never made here passes, as every id never seeded does.
+    status, body, _ = await post_session(client, [*CUS, ("configuration", "bpc_1Elsewhere")])
+    assert (status, body["configuration"]) == (200, "bpc_1Elsewhere")
+
+
+# --------------------------------------------------------------------------- the Dashboard
+
+
+async def test_dashboard_edit_changes_the_configuration_and_answers_it(client: Client) -> None:
+    config = await create_configuration(client, OFFERING)
+    edited = await control(
+        client,
+        "POST",
+        f"billing_portal/configurations/{config['id']}",
+        {
+            "features": {"subscription_cancel": {"enabled": False}},
+            "business_profile": {"headline": "Edited by hand"},
+            "metadata": {"owner": "ops"},
+            "name": "hand-made",
+        },
+    )
+    assert edited["updated"] > config["updated"]
+    assert edited["features"]["subscription_cancel"] == {
+        **config["features"]["subscription_cancel"],
+        "enabled": False,
+    }
+    assert edited["features"]["payment_method_update"] == {"enabled": True}
+    assert edited["business_profile"]["headline"] == "Edited by hand"
+    assert (edited["metadata"], edited["name"]) == ({"owner": "ops"}, "hand-made")
+    status, retrieved = await stripe_get(client, f"{CONFIGS}/{config['id']}")
+    assert (status, retrieved) == (200, edited)
+
+    event = configuration_event(
+        "billing_portal.configuration.updated", edited, previous=config, account="acct_A"
+    )
+    assert (event["type"], event["created"], event["account"]) == (
+        "billing_portal.configuration.updated",
+        edited["updated"],
+        "acct_A",
+    )
+    assert event["data"] == {
+        "object": edited,
+        "previous_attributes": {
+            "business_profile": {"headline": None},
+            "features": {"subscription_cancel": {"enabled": True}},
+            "metadata": {"owner": None},
+            "name": None,
+            "updated": config["updated"],
+        },
+    }
+    created = configuration_event("billing_portal.configuration.created", config)
+    assert "account" not in created
+    assert created["data"] == {"object": config}
+
+    deactivated = await control(
+        client,
+        "POST",
+        f"billing_portal/configurations/{config['id']}",
+        {
+            "active": False,
+            "metadata": {"owner": None},
+            "features": {
+                "subscription_update": {"products": [{"product": "prod_B", "prices": ["price_B"]}]}
+            },
+        },
+    )
+    assert (deactivated["active"], deactivated["metadata"]) == (False, {})
+    assert deactivated["features"]["subscription_update"]["products"] == [
+        {
+            "adjustable_quantity": {"enabled": False, "maximum": None, "minimum": 1},
+            "prices": ["price_B"],
+            "product": "prod_B",
+        }
+    ]
+    assert deactivated["updated"] > edited["updated"]
+    status, body, _ = await post_session(client, [*CUS, ("configuration", config["id"])])
+    assert error_of(status, body) == (400, "configuration_inactive", "configuration")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {},
+        [],
+        {"id": "bpc_other"},
+        {"updated": 1},
+        {"color": "red"},
+        {"features": {"subscription_pause": {"enabled": True}}},
+        {"active": "false"},
+        {"active": None},
+        {"features": {"invoice_history": True}},
+        {"features": {"subscription_update": {"products": [{"product": "prod_x"}]}}},
+        {"metadata": {"k": 1}},
+    ],
+)
+async def test_dashboard_edit_refuses_what_the_object_has_not(client: Client, edit: object) -> None:
+    config = await create_configuration(client)
+    path = f"/_standin/billing_portal/configurations/{config['id']}"
+    async with client.post(path, json=edit) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]
+    assert state_of(client).configurations[config["id"]] == config
+
+
+async def test_dashboard_edit_of_an_unknown_configuration_is_refused(client: Client) -> None:
+    async with client.post("/_standin/billing_portal/configurations/bpc_1Nope", json={}) as resp:
+        assert resp.status == 400
+
+
+async def test_configurations_are_cleared_and_reset(client: Client) -> None:
+    await control(client, "POST", "catalogue", {"products": CATALOGUE})
+    await create_configuration(client)
+    assert await control(client, "DELETE", "billing_portal/configurations") == {"deleted": 1}
+    await create_configuration(client, account="acct_A")
+    await control(client, "POST", "reset")
+    state = state_of(client)
+    assert (state.configurations, state.catalogue.products, state.accounts) == ({}, {}, {})

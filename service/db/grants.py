@@ -54,7 +54,8 @@ RUNTIME_PRIVILEGES: Mapping[str, frozenset[str]] = MappingProxyType(
         "subscriptions": _ALL_DML,
         # Lookups; imports upsert (and move the default profile).
         "plans": _UPSERT,
-        "portal_profiles": _UPSERT,
+        # Also `profiles apply` upserts and, with --prune, deletes managed profiles.
+        "portal_profiles": _ALL_DML,
         "offers": _UPSERT,
         # Claimed per request (upsert); the housekeeping task purges expired keys.
         "idempotency_keys": _ALL_DML,

@@ -2,9 +2,11 @@
 
 ``RESOLVE`` fetches the customer, portal profile, plan, offer and subscriptions
 of one user, with the items' ``self_serve`` flags (SPEC §5: the use case hides
-what an end user may not name); with a caller's ``Idempotency-Key`` it also
-claims the key in the same statement. Every lookup goes through a primary key
-or unique index.
+what an end user may not name), and the facts of the profile's Stripe snapshot
+the use case checks before calling Stripe (SPEC §12: active, the deep links'
+features, the offered prices, the profile's Connect account); with a caller's
+``Idempotency-Key`` it also claims the key in the same statement. Every lookup
+goes through a primary key or unique index.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ SELECT
     prof.name AS profile_name, prof.configuration_id, prof.on_behalf_of,
     prof.default_return_url, prof.self_serve AS profile_self_serve,
     prof.is_default AS profile_is_default,
+    prof.connected_account AS profile_connected_account,
+    prof.snapshot IS NOT NULL AS profile_has_snapshot,
+    prof.snapshot->>'active' = 'true' AS snapshot_active,
+    prof.snapshot->'features'->'payment_method_update'->>'enabled' = 'true'
+        AS snapshot_payment_method_update,
+    prof.snapshot->'features'->'subscription_cancel'->>'enabled' = 'true'
+        AS snapshot_subscription_cancel,
+    prof.snapshot->'features'->'subscription_update'->>'enabled' = 'true'
+        AS snapshot_subscription_update,
+    jsonb_path_query_array(prof.snapshot, '$.features.subscription_update.products[*].prices[*]')
+        AS snapshot_prices,
     pl.stripe_price_id AS plan_price_id, pl.active AS plan_active,
     pl.self_serve AS plan_self_serve,
     o.kind AS offer_kind, o.stripe_id AS offer_stripe_id, o.self_serve AS offer_self_serve,
@@ -36,15 +49,13 @@ SELECT
 FROM (SELECT 1) AS one
 LEFT JOIN customers c ON c.user_id = $1
 LEFT JOIN LATERAL (
-    SELECT p.name, p.configuration_id, p.on_behalf_of, p.default_return_url, p.self_serve,
-           p.is_default
-    FROM portal_profiles p WHERE p.name = coalesce($2, c.portal)
+    SELECT p.name FROM portal_profiles p WHERE p.name = coalesce($2, c.portal)
     UNION ALL
-    SELECT p.name, p.configuration_id, p.on_behalf_of, p.default_return_url, p.self_serve,
-           p.is_default
-    FROM portal_profiles p WHERE p.is_default AND $2::text IS NULL AND c.portal IS NULL
+    SELECT p.name FROM portal_profiles p
+    WHERE p.is_default AND $2::text IS NULL AND c.portal IS NULL
     LIMIT 1
-) prof ON true
+) picked ON true
+LEFT JOIN portal_profiles prof ON prof.name = picked.name
 LEFT JOIN plans pl ON pl.plan = $3
 LEFT JOIN offers o ON o.name = $4
 """

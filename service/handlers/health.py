@@ -65,8 +65,9 @@ async def _exposition(app: web.Application) -> web.Response:
     """Prometheus text exposition of the API app's registry.
 
     Point-in-time gauges are refreshed here, at scrape time: the pool by state,
-    and readiness (the same cached check as ``/readyz``), so the readiness
-    alert works whether or not anything probes ``/readyz``.
+    readiness (the same cached check as ``/readyz``), so the readiness
+    alert works whether or not anything probes ``/readyz``, and profile drift
+    (from the database, so every replica reports the same; ``drift_gauge.py``).
     """
     m = app[keys.METRICS]
     db = app.get(keys.DB)
@@ -74,5 +75,6 @@ async def _exposition(app: web.Application) -> web.Response:
         for state, value in db.pool_stats().items():
             m.db_pool.labels(state=state).set(value)
         await app[keys.READINESS].verdict(db)
+        await app[keys.PROFILE_DRIFT].refresh(db)
     body = generate_latest(m.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -16,7 +16,7 @@ from service.handlers.openapi import REQUEST_ID_PARAMETER, docs, problem_respons
 from service.middlewares import log_fields
 from service.request_body import read_request_body
 from service.schemas import WebhookReceiptSchema
-from service.webhooks import WebhookDeps, receive
+from service.webhooks import CONFIGURATION_EVENTS, WebhookDeps, receive
 
 # Stripe event payloads are a few KiB, an invoice with many lines a few hundred.
 BODY_LIMIT = 1024 * 1024
@@ -83,6 +83,8 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
         client_ip=client_ip(request),
         user_agent=request.headers.get("User-Agent"),
     )
+    if receipt.event_type in CONFIGURATION_EVENTS and receipt.result == "applied":
+        app[keys.PROFILE_DRIFT].invalidate()  # this replica's next scrape shows it
     log_fields(
         request,
         event_id=receipt.event_id,

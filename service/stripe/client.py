@@ -35,6 +35,7 @@ from service.version import USER_AGENT
 SESSIONS_PATH = "/v1/billing_portal/sessions"
 SUBSCRIPTIONS_PATH = "/v1/subscriptions"
 CUSTOMERS_PATH = "/v1/customers"
+CONFIGURATIONS_PATH = "/v1/billing_portal/configurations"
 # Stripe's largest page for list endpoints.
 LIST_PAGE_SIZE = 100
 # A portal session is about 1 KiB of JSON and a page of 100 subscriptions a few
@@ -42,6 +43,8 @@ LIST_PAGE_SIZE = 100
 MAX_RESPONSE_BYTES = 1024 * 1024
 # What may stand in a customer id that becomes a path segment of the URL.
 _CUSTOMER_ID = re.compile(r"cus_[A-Za-z0-9_]+")
+# And a portal configuration's id.
+_CONFIGURATION_ID = re.compile(r"bpc_[A-Za-z0-9_]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +115,27 @@ def _is_customer(body: dict[str, Any]) -> bool:
     return isinstance(customer_id, str) and customer_id.startswith("cus_")
 
 
+def _is_configuration(body: dict[str, Any]) -> bool:
+    configuration_id = body.get("id")
+    return (
+        isinstance(configuration_id, str)
+        and configuration_id.startswith("bpc_")
+        and isinstance(body.get("features"), dict)
+    )
+
+
 def _is_list(body: dict[str, Any]) -> bool:
     data = body.get("data")
     return isinstance(data, list) and all(
         isinstance(item, dict) and isinstance(item.get("id"), str) for item in data
     )
+
+
+def _configuration_id(configuration_id: str) -> str:
+    # The id is a path segment: only an id's characters may reach the URL.
+    if _CONFIGURATION_ID.fullmatch(configuration_id) is None:
+        raise ValueError(f"not a portal configuration id: {configuration_id!r}")
+    return configuration_id
 
 
 class StripeClient:
@@ -243,6 +262,78 @@ class StripeClient:
         if starting_after is not None:
             query["starting_after"] = starting_after
         return await self._page(CUSTOMERS_PATH, query, stripe_account)
+
+    async def create_configuration(
+        self,
+        params: Mapping[str, Any],
+        *,
+        idempotency_key: str,
+        stripe_account: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/billing_portal/configurations``: the new configuration."""
+        return await self._configuration(
+            "POST", CONFIGURATIONS_PATH, params, idempotency_key, stripe_account
+        )
+
+    async def update_configuration(
+        self,
+        configuration_id: str,
+        params: Mapping[str, Any],
+        *,
+        idempotency_key: str,
+        stripe_account: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/billing_portal/configurations/{id}``: the whole updated configuration.
+
+        What ``params`` leaves out stays as it is; a list sent replaces the old
+        one, ``""`` clears a value.
+        """
+        path = f"{CONFIGURATIONS_PATH}/{_configuration_id(configuration_id)}"
+        return await self._configuration("POST", path, params, idempotency_key, stripe_account)
+
+    async def retrieve_configuration(
+        self, configuration_id: str, *, stripe_account: str | None = None
+    ) -> dict[str, Any]:
+        """``GET /v1/billing_portal/configurations/{id}``; an unknown (or another
+        account's) id is ``upstream_rejected`` with upstream code ``resource_missing``."""
+        path = f"{CONFIGURATIONS_PATH}/{_configuration_id(configuration_id)}"
+        return await self._configuration("GET", path, {}, None, stripe_account)
+
+    async def list_configurations_page(
+        self,
+        *,
+        starting_after: str | None = None,
+        limit: int = LIST_PAGE_SIZE,
+        active: bool | None = None,
+        stripe_account: str | None = None,
+    ) -> CustomerPage:
+        """One page of ``GET /v1/billing_portal/configurations`` (newest first)."""
+        query: dict[str, Any] = {"limit": limit, "active": active}
+        if starting_after is not None:
+            query["starting_after"] = starting_after
+        return await self._page(CONFIGURATIONS_PATH, query, stripe_account)
+
+    async def _configuration(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, Any],
+        idempotency_key: str | None,
+        stripe_account: str | None,
+    ) -> dict[str, Any]:
+        reply = await self._send(
+            Outbound(
+                method,
+                path,
+                params,
+                expect="billing_portal.configuration",
+                valid=_is_configuration,
+                deadline=self.deadline_from_now(),
+                idempotency_key=idempotency_key,
+                stripe_account=stripe_account,
+            )
+        )
+        return reply.body
 
     # --- the send loop ---------------------------------------------------------
 
