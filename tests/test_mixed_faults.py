@@ -25,13 +25,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from service.app import create_app
 from service.metrics import Metrics
 from tests.conftest import Standin, create_client_token, make_settings
-from tests.helpers import created, post_session
+from tests.helpers import created, metric_value, post_session
 
 pytestmark = pytest.mark.usefixtures("world")
 
 REQUESTS = 500
 CONCURRENCY = 20
-ATTEMPT_TIMEOUT = 0.25
+ATTEMPT_TIMEOUT = 0.5
 # Faults are drawn in arrival order, so one unlucky request can draw several in
 # a row: with about 27 % of attempts failing, running out of 21 attempts has a
 # chance below 1e-11 per request. (STRIPE_MAX_RETRIES stops at 10 for operators;
@@ -116,7 +116,17 @@ async def test_every_request_survives_a_storm_of_transient_faults(
     per_key = Counter(r.idempotency_key for r in attempts)
     assert len(per_key) == REQUESTS
     assert max(per_key.values()) <= 1 + MAX_RETRIES
-    assert len(attempts) == REQUESTS + faults
+    # Each fault costs exactly one failed attempt. A normal answer can also arrive
+    # after its attempt timed out when the machine is busy (the suite runs on two
+    # workers): such an attempt is retried like any timeout, and the service counts
+    # it, so it is accounted for, not ignored. The late answers always time out.
+    timeouts = await metric_value(
+        storm_service, "portal_gateway_upstream_requests_total", outcome="timeout", status="none"
+    )
+    late_answers = sum(1 for entry in queue if entry.get("latency_ms", 0) > 0)
+    extra_timeouts = int(timeouts) - late_answers
+    assert extra_timeouts >= 0
+    assert len(attempts) == REQUESTS + faults + extra_timeouts
     assert not standin.state.faults  # the whole storm was used up
     stored = {orjson.loads(s.body)["id"] for s in standin.state.idempotency.values()}
     assert len(standin.state.idempotency) == REQUESTS
