@@ -216,6 +216,33 @@ def test_an_event_is_parsed_into_what_we_use() -> None:
     assert parsed(type="x").type == "x"
 
 
+def test_connect_account_and_previous_attributes_are_parsed() -> None:
+    # A platform event has no account; a Connect event names its account.
+    assert parsed().account is None
+    assert parsed(account="acct_1").account == "acct_1"
+    longest = "acct_" + "a" * 250
+    assert parsed(account=longest).account == longest
+    # What an `updated` event says changed, when it says it as an object.
+    assert parsed().previous_attributes is None
+    before = {"metadata": {"user_id": "u_1"}}
+    changed = {"object": {"id": "cus_1"}, "previous_attributes": before}
+    assert parsed(data=changed).previous_attributes == before
+    assert parsed(data={**changed, "previous_attributes": {}}).previous_attributes == {}
+    assert parsed(data={**changed, "previous_attributes": "x"}).previous_attributes is None
+    assert parsed(data={**changed, "previous_attributes": ["x"]}).previous_attributes is None
+
+
+@pytest.mark.parametrize(
+    "account",
+    ["", "acct_", "acc_1", "ACCT_1", 1, True, ["acct_1"], {"id": "acct_1"}, "acct_" + "a" * 251],
+)
+def test_an_account_that_is_not_an_acct_id_is_refused(account: object) -> None:
+    assert _refusal(orjson.dumps(event(account=account))) == (
+        "invalid_event",
+        "Not a Stripe event: account must be an acct_ id.",
+    )
+
+
 def _refusal(payload: bytes) -> tuple[str, str]:
     with pytest.raises(BadRequest) as info:
         parse_event(payload)
