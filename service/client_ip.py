@@ -29,11 +29,20 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def client_ip(request: web.Request) -> str | None:
-    """The client IP of ``request`` under this app's ``TRUSTED_PROXIES``."""
+    """The client IP of ``request`` under this app's ``TRUSTED_PROXIES``.
+
+    Worked out once per request: the audit row, the ``audit`` line and the
+    access line all ask for it.
+    """
+    if keys.CLIENT_IP in request:
+        return request[keys.CLIENT_IP]
     trusted = request.app[keys.SETTINGS].trusted_proxies
     if not trusted:
-        return request.remote  # nothing to believe: no need to look at the header
-    return resolve(request.remote, request.headers.getall("X-Forwarded-For", ()), trusted)
+        found = request.remote  # nothing to believe: no need to look at the header
+    else:
+        found = resolve(request.remote, request.headers.getall("X-Forwarded-For", ()), trusted)
+    request[keys.CLIENT_IP] = found
+    return found
 
 
 def resolve(

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import structlog
 
+from service.cached_check import MAX_AGE_SECONDS, CachedCheck
 from service.db import profiles
 from service.db.pool import Database
 from service.errors import ServiceError
@@ -32,10 +33,8 @@ from service.profile_drift import drifted_fields
 
 log = structlog.get_logger("app")
 
-MAX_AGE_SECONDS = 1.0
 
-
-class DriftGauge:
+class DriftGauge(CachedCheck):
     """Keeps the drift gauge of one registry current, from a query at most ``max_age`` old."""
 
     def __init__(
@@ -45,34 +44,22 @@ class DriftGauge:
         max_age: float = MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(max_age=max_age, clock=clock)
         self._gauge = metrics.profile_drift
-        self._max_age = max_age
-        self.clock = clock  # tests move time forward without sleeping
-        self._checked_at: float | None = None
-        self._lock = asyncio.Lock()
 
     async def refresh(self, db: Database) -> None:
         """Rebuild the gauge unless it was rebuilt less than ``max_age`` ago."""
-        if self._fresh():
-            return
-        async with self._lock:
-            if self._fresh():
-                return  # the query we waited for answered
+
+        async def rebuild() -> None:
             try:
                 rows = await asyncio.wait_for(profiles.drift_inputs(db), timeout=db.timeout)
             except (ServiceError, TimeoutError) as exc:
                 log.warning("profile_drift_not_refreshed", error=type(exc).__name__)
-            else:
-                values = {name: 1 if drifted_fields(a, s) else 0 for name, a, s in rows}
-                # No await between clear and set: a scrape never sees it half built.
-                self._gauge.clear()
-                for name, value in values.items():
-                    self._gauge.labels(profile=name).set(value)
-            self._checked_at = self.clock()
+                return
+            values = {name: 1 if drifted_fields(a, s) else 0 for name, a, s in rows}
+            # No await between clear and set: a scrape never sees it half built.
+            self._gauge.clear()
+            for name, value in values.items():
+                self._gauge.labels(profile=name).set(value)
 
-    def invalidate(self) -> None:
-        """The next scrape asks the database (this replica just changed a snapshot)."""
-        self._checked_at = None
-
-    def _fresh(self) -> bool:
-        return self._checked_at is not None and self.clock() - self._checked_at < self._max_age
+        await self.run_if_stale(rebuild)

@@ -36,6 +36,7 @@ MAPPING_API: web.AppKey[MappingApiDeps] = web.AppKey("mapping_api")
 BACKFILLER: web.AppKey[Backfiller] = web.AppKey("backfiller")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+CLIENT_IP: web.RequestKey[str | None] = web.RequestKey("client_ip")
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")
 # Canonical-log fields a handler learns (flow, user, upstream request id, attempts).
 LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields")

@@ -14,16 +14,17 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from service.cached_check import MAX_AGE_SECONDS, CachedCheck
 from service.db import deployment
 from service.db.pool import Database
 from service.errors import ServiceError
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 
-MAX_AGE_SECONDS = 1.0
+__all__ = ["MAX_AGE_SECONDS", "Readiness"]
 
 
-class Readiness:
+class Readiness(CachedCheck):
     """One replica's readiness, with the database check cached for ``max_age`` seconds."""
 
     def __init__(
@@ -34,13 +35,10 @@ class Readiness:
         max_age: float = MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(max_age=max_age, clock=clock)
         self._lifecycle = lifecycle
         self._metrics = metrics
-        self._max_age = max_age
-        self.clock = clock  # tests move time forward without sleeping
-        self._checked_at: float | None = None
         self._database: dict[str, str] = {}
-        self._lock = asyncio.Lock()
 
     async def verdict(self, db: Database) -> tuple[bool, dict[str, str]]:
         """Whether to take traffic, and the checks behind it; also sets the gauge."""
@@ -53,19 +51,11 @@ class Readiness:
         return ready, checks
 
     async def _database_checks(self, db: Database) -> dict[str, str]:
-        if self._fresh():
-            return self._database
-        async with self._lock:
-            # Whoever waited on the lock finds the answer of the query it waited for.
-            if not self._fresh():
-                self._database = await self._ask(db)
-                # The age counts from the answer: a slow (timed-out) check is not
-                # repeated at once by the probes that queued behind it.
-                self._checked_at = self.clock()
-        return self._database
+        async def ask() -> None:
+            self._database = await self._ask(db)
 
-    def _fresh(self) -> bool:
-        return self._checked_at is not None and self.clock() - self._checked_at < self._max_age
+        await self.run_if_stale(ask)
+        return self._database
 
     async def _ask(self, db: Database) -> dict[str, str]:
         try:
