@@ -18,10 +18,11 @@ from service.auth import Authenticator
 from service.backfiller import Backfiller
 from service.config import Settings
 from service.db import deployment, events, resolve
+from service.db import portal_links as links_table
 from service.db.pool import Database
 from service.drift_gauge import DriftGauge
 from service.errors import DatabaseUnavailable
-from service.handlers import health, openapi, portal_sessions, users, webhooks
+from service.handlers import health, openapi, portal_links, portal_sessions, users, webhooks
 from service.jwt_keys import JwtKeys
 from service.lifecycle import Budget, Lifecycle
 from service.mapping_api import MappingApiDeps
@@ -82,7 +83,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
         probes.append(app.router.add_get("/metrics", health.metrics, allow_head=False))
     lifecycle.declare(None, *probes)
     sessions = app.router.add_post("/v1/portal-sessions", portal_sessions.create_portal_session)
-    _setup_cors(app, settings.cors_allowed_origins, [sessions])
+    links = app.router.add_post("/v1/portal-links", portal_links.create_portal_link)
+    _setup_cors(app, settings.cors_allowed_origins, [sessions, links])
+    # What a person's browser opens (SPEC §13): the token is the credential; no CORS.
+    app.router.add_get("/v1/portal-links/{token}", portal_links.show_portal_link, allow_head=False)
+    app.router.add_post("/v1/portal-links/{token}", portal_links.open_portal_link)
     # The mapping API (SPEC §11): service-to-service, so no CORS; the `api` budget.
     app.router.add_get("/v1/users/{user_id}", users.get_user, allow_head=False)
     app.router.add_put("/v1/users/{user_id}/customer", users.put_user_customer)
@@ -200,15 +205,17 @@ IDEMPOTENCY_PURGE_INTERVAL = 600.0
 
 
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
-    """Keep tables small: purge expired idempotency keys and old Stripe events.
+    """Keep tables small: purge expired idempotency keys, old Stripe events and links.
 
     Idempotency keys go an hour past their TTL; Stripe events 30 days after
-    their receipt (SPEC §6). Each purge is bounded per round.
+    their receipt (SPEC §6); portal links a day past their expiry. Each purge
+    is bounded per round.
     """
     db = app[keys.DB]
     purges = {
         "idempotency_keys": resolve.purge_expired_idempotency_keys,
         "stripe_events": events.purge_old_events,
+        "portal_links": links_table.purge_old_links,
     }
 
     async def purge_forever() -> None:

@@ -30,6 +30,9 @@ logger = structlog.get_logger("audit")
 
 # Actions (the ``action`` column): what was decided.
 ACTION_CREATE_SESSION = "portal_session.create"
+# Portal links (SPEC §13): made by a caller, opened by whoever holds the link.
+ACTION_PORTAL_LINK_CREATE = "portal_link_create"
+ACTION_PORTAL_LINK_OPEN = "portal_link_open"
 ACTION_MAPPING_CREATE = "mapping.create"
 ACTION_MAPPING_UPDATE = "mapping.update"
 ACTION_MAPPING_DELETE = "mapping.delete"

@@ -181,6 +181,28 @@ def _absolute_url(raw: str) -> str:
     return raw
 
 
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _public_base_url(raw: str) -> str:
+    # The links we hand out start with it: an https origin (plain http only on a
+    # loopback host, for development), an optional path prefix, nothing else.
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"must be an absolute https URL, got {raw!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an absolute https URL, got {raw!r}")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+        raise ValueError("must use https (plain http only for localhost, 127.0.0.1 or [::1])")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain a user name or password")
+    if parts.query or parts.fragment or raw.endswith(("?", "#")):
+        raise ValueError("must not have a query or a fragment")
+    return raw.rstrip("/")
+
+
 def _readable_path(raw: str) -> Path:
     path = Path(raw)
     if not path.is_file():
@@ -445,6 +467,25 @@ class Settings:
         _int_in(1, 86400),
         300,
         "how long an `Idempotency-Key` replays its first answer",
+    )
+    public_base_url: str | None = setting(
+        "PUBLIC_BASE_URL",
+        _public_base_url,
+        None,
+        "the service's public https address, as browsers reach it; portal links start with it"
+        " (unset: `POST /v1/portal-links` answers 501)",
+    )
+    portal_link_ttl_seconds: int = setting(
+        "PORTAL_LINK_TTL_SECONDS",
+        _int_in(1, 86400),
+        600,
+        "how long a portal link stays valid before it is clicked",
+    )
+    portal_link_opens_per_minute: int = setting(
+        "PORTAL_LINK_OPENS_PER_MINUTE",
+        _int_in(1, 1_000_000),
+        60,
+        "views and clicks of portal links allowed per client IP per minute (per replica)",
     )
     cors_allowed_origins: tuple[str, ...] = setting(
         "CORS_ALLOWED_ORIGINS",

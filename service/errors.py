@@ -28,6 +28,7 @@ CODES_BY_STATUS: dict[int, tuple[str, ...]] = {
         "unknown_plan",
         "unknown_offer",
         "unknown_portal",
+        "portal_link_not_found",
     ),
     408: ("request_timeout",),
     409: (
@@ -42,11 +43,14 @@ CODES_BY_STATUS: dict[int, tuple[str, ...]] = {
         "plan_not_offered",
         "portal_account_mismatch",
     ),
+    # A portal link that was opened already, ran out or lost its creator (SPEC §13).
+    410: ("portal_link_used", "portal_link_expired", "portal_link_revoked"),
     413: ("payload_too_large",),
     415: ("unsupported_media_type",),
     422: ("validation_failed", "stripe_customer_not_found"),
     429: ("rate_limited",),
     500: ("internal_error",),
+    501: ("portal_links_disabled",),
     502: ("upstream_rejected", "upstream_auth_failed", "upstream_bad_response"),
     503: ("upstream_unavailable", "database_unavailable", "overloaded", "draining"),
     504: ("upstream_timeout",),
@@ -55,6 +59,16 @@ CODES_BY_STATUS: dict[int, tuple[str, ...]] = {
 
 # The codes only the mapping API (SPEC §11) answers: no other operation documents them.
 MAPPING_API_CODES = frozenset({"customer_already_mapped", "stripe_customer_not_found"})
+# The codes only the portal-link operations answer (SPEC §13).
+PORTAL_LINK_CODES = frozenset(
+    {
+        "portal_link_not_found",
+        "portal_link_used",
+        "portal_link_expired",
+        "portal_link_revoked",
+        "portal_links_disabled",
+    }
+)
 
 
 def codes_by_status(
@@ -140,6 +154,13 @@ class Conflict(ServiceError):
     default_code = "conflict"
 
 
+class Gone(ServiceError):
+    """410: a portal link that was opened already or ran out (SPEC §13)."""
+
+    status = 410
+    default_code = "portal_link_used"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     default_code = "payload_too_large"
@@ -215,6 +236,13 @@ class DatabaseUnavailable(ServiceUnavailable):
 
     def __init__(self, detail: str = "The database is unavailable; retry later.") -> None:
         super().__init__(detail=detail, headers={"Retry-After": "1"})
+
+
+class NotConfigured(ServiceError):
+    """501: a feature this deployment has not been configured for."""
+
+    status = 501
+    default_code = "portal_links_disabled"
 
 
 class InternalError(ServiceError):

@@ -37,6 +37,8 @@ _SECRET_PATTERNS = re.compile(
     # without a scheme, from the path on.
     r"|https?://[^\s\"'\\/]+/p/session/[^\s\"'\\]*"
     r"|/p/session/[^\s\"'\\]*"
+    # A portal link's token (SPEC §13): the path from the token on.
+    r"|/portal-links/[A-Za-z0-9_\-]+"
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/\-]+=*"
 )
 REDACTED = "[REDACTED]"
@@ -52,6 +54,7 @@ _MARKERS = (
     "eyJ",
     "billing.stripe.com",
     "/p/session/",
+    "/portal-links/",
     "earer",
     "EARER",
 )

@@ -45,6 +45,17 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 
 # Every `code` of SPEC §2 (plus internal_error): pre-created at 0 so rates and
 # increases see the first one.
+PORTAL_LINK_EVENTS = (
+    "created",
+    "viewed",
+    "opened",
+    "used",
+    "expired",
+    "revoked",
+    "unknown",
+    "failed",
+    "rate_limited",
+)
 SESSION_ERROR_CODES = tuple(code for codes in CODES_BY_STATUS.values() for code in codes)
 AUDIT_OUTCOMES = ("created", "refused", "failed", "abandoned", "unauthenticated", "write_failed")
 # Where a customer mapping comes from (SPEC §11; the `customers.source` column),
@@ -166,6 +177,13 @@ class Metrics:
             ["source", "change"],
             registry=r,
         )
+        self.portal_links = Counter(
+            p + "portal_links_total",
+            "Portal links (SPEC §13), by event: created, viewed (the page), opened (a "
+            "portal URL handed out), used, expired, revoked, unknown, failed, rate_limited.",
+            ["event"],
+            registry=r,
+        )
         self.build_info = Gauge(
             p + "build_info", "Build information; always 1.", ["version"], registry=r
         )
@@ -188,6 +206,8 @@ class Metrics:
             self.session_errors.labels(code=code)
         for outcome in AUDIT_OUTCOMES:
             self.audit_events.labels(outcome=outcome)
+        for event in PORTAL_LINK_EVENTS:
+            self.portal_links.labels(event=event)
         for kind in ("customer", "subscription"):
             self.stale_mappings.labels(kind=kind)
         for source in MAPPING_SOURCES:

@@ -53,6 +53,19 @@ class OpenedSession:
     flow: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedSession:
+    """A request decided and resolved: Stripe's params, not yet sent."""
+
+    user_id: str
+    flow: str | None
+    params: dict[str, Any]
+    # Connect: a customer on a connected account is only found on that account.
+    stripe_account: str | None
+    # The Idempotency-Key Stripe gets: the claimed one with a caller key, else fresh.
+    upstream_key: str
+
+
 async def open_portal_session(
     deps: PortalDeps,
     principal: Principal,
@@ -63,6 +76,22 @@ async def open_portal_session(
     deadline: float,
 ) -> OpenedSession:
     """Resolve, call Stripe and return the session; raise a ServiceError otherwise."""
+    prepared = await prepare_session(
+        deps, principal, body, idempotency_key=idempotency_key, audit=audit
+    )
+    return await call_stripe(deps, prepared, audit=audit, deadline=deadline)
+
+
+async def prepare_session(
+    deps: PortalDeps,
+    principal: Principal,
+    body: dict[str, Any],
+    *,
+    idempotency_key: str | None,
+    audit: AuditEvent,
+) -> PreparedSession:
+    """Everything short of the Stripe call: target user, return URLs, resolution,
+    self-serve hiding, params, the profile's checks. Raises a ServiceError."""
     settings = deps.settings
     user_id = _target_user(principal, body)
     audit.user_id = user_id
@@ -116,23 +145,29 @@ async def open_portal_session(
 
     # With a caller key, the stored upstream key (ours or an earlier request's).
     upstream_key = row["idem_upstream_key"] if claim is not None else str(uuid.uuid4())
+    return PreparedSession(user_id, flow_type, params, row["connected_account"], upstream_key)
+
+
+async def call_stripe(
+    deps: PortalDeps, prepared: PreparedSession, *, audit: AuditEvent, deadline: float
+) -> OpenedSession:
+    """Open the prepared session at Stripe; a refusal naming a mapping marks it stale."""
     try:
-        # Connect: a customer on a connected account is only found on that account.
         session = await deps.stripe.create_portal_session(
-            params,
-            idempotency_key=upstream_key,
+            prepared.params,
+            idempotency_key=prepared.upstream_key,
             deadline=deadline,
-            stripe_account=row["connected_account"],
+            stripe_account=prepared.stripe_account,
         )
     except ServiceError as exc:
         audit.stripe_request_id = exc.stripe_request_id
         if exc.code == "upstream_rejected" and upstream_error_code(exc) == "resource_missing":
-            await _mark_stale(deps, audit, user_id, params, exc)
+            await _mark_stale(deps, audit, prepared.user_id, prepared.params, exc)
         raise
     audit.stripe_session_id = session.id
     audit.stripe_request_id = session.request_id
     audit.detail = {"attempts": session.attempts}
-    return OpenedSession(session, user_id, flow_type)
+    return OpenedSession(session, prepared.user_id, prepared.flow)
 
 
 async def _mark_stale(

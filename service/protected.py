@@ -157,18 +157,18 @@ async def _serve(
         response = await handler(Call(request, principal, body, event, deadline, key, path))
     except ServiceError as exc:
         store = _stored(request, principal, exc)
-        await _decided(request, event, started, exc.status, exc, store=store)
+        await decided(request, event, started, exc.status, exc, store=store)
         raise
     except asyncio.CancelledError:
         # The caller hung up (aiohttp cancels the handler). Stripe may already
         # have opened a session nobody will see: the row still gets written.
-        await asyncio.shield(_decided(request, event, started, 499, None, "client_closed_request"))
+        await asyncio.shield(decided(request, event, started, 499, None, "client_closed_request"))
         raise
     except Exception:
-        await _decided(request, event, started, 500, None, "internal_error")
+        await decided(request, event, started, 500, None, "internal_error")
         raise
     # No answer leaves without its audit row: a failed write is a 503 instead.
-    await _decided(request, event, started, response.status, None, strict=True)
+    await decided(request, event, started, response.status, None, strict=True)
     return response
 
 
@@ -259,7 +259,7 @@ def _idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def _decided(
+async def decided(
     request: web.Request,
     event: AuditEvent,
     started: float,

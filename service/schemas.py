@@ -138,6 +138,19 @@ class PortalSessionSchema(Schema):
     livemode = fields.Boolean(required=True)
 
 
+class PortalLinkSchema(Schema):
+    url = fields.String(
+        required=True,
+        metadata={
+            "description": "`<PUBLIC_BASE_URL>/v1/portal-links/<token>`: opens the portal "
+            "when a person clicks it, once, until `expires_at`."
+        },
+    )
+    expires_at = fields.Integer(
+        required=True, metadata={"description": "Unix time after which the link is refused."}
+    )
+
+
 # --- the mapping API (SPEC §11) ----------------------------------------------------
 
 
@@ -288,6 +301,10 @@ class ProblemSchema(Schema):
     upstream = fields.Nested(UpstreamErrorSchema)
     subscriptions = fields.List(
         fields.String(), metadata={"description": "subscription_ambiguous: the candidates."}
+    )
+    return_url = fields.String(
+        allow_none=True,
+        metadata={"description": "Portal links: where the person came from, to go back to."},
     )
 
 

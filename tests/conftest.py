@@ -40,6 +40,7 @@ STRIPE_TEST_KEY = "sk_test_portalgatewaytests0123456789"
 LEAK_PATTERNS = re.compile(
     r"sk_test_portalgatewaytests|pgw_[A-Za-z0-9_-]{20,}|billing\.stripe\.com/p/session"
     r"|/p/session/"  # a portal session URL on any host (custom portal domains)
+    r"|/portal-links/[A-Za-z0-9_-]{43}"  # a portal link's token (SPEC §13)
     r"|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
 )
 

@@ -317,6 +317,9 @@ def test_problem_codes_are_a_typed_enum_per_status(document: dict[str, Any]) -> 
         f"POST {PATH}",
         f"POST {WEBHOOK_PATH}",
         *(f"{method} {path}" for method, path in MAPPING_OPERATIONS),
+        "POST /v1/portal-links",
+        "GET /v1/portal-links/{token}",
+        "POST /v1/portal-links/{token}",
     }
     for where, status, response in found:
         problem, code = _problem_and_codes(document, response)

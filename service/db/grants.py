@@ -61,6 +61,8 @@ RUNTIME_PRIVILEGES: Mapping[str, frozenset[str]] = MappingProxyType(
         "idempotency_keys": _ALL_DML,
         # Deduplication (upsert), the result update, the purge of old events.
         "stripe_events": _ALL_DML,
+        # Created per request, consumed and released by clicks, purged by housekeeping.
+        "portal_links": _ALL_DML,
         # `sync --from-stripe` stores and clears its cursor.
         "sync_cursors": _ALL_DML,
         # Append-only: a row is written, never changed or removed (SPEC §6).

@@ -9,7 +9,7 @@ from aiohttp_apigami import response_schema
 from service import keys
 from service.audit import ACTION_CREATE_SESSION
 from service.auth import SCOPE_CREATE_SESSIONS
-from service.errors import MAPPING_API_CODES, codes_by_status
+from service.errors import MAPPING_API_CODES, PORTAL_LINK_CODES, codes_by_status
 from service.handlers.openapi import REQUEST_ID_PARAMETER, docs, problem_responses
 from service.middlewares import log_fields
 from service.portal import open_portal_session
@@ -17,7 +17,7 @@ from service.protected import Call, protected
 from service.schemas import PortalSessionRequestSchema, PortalSessionSchema
 
 # Every code each error status can carry here: all of SPEC §2's, from errors.py.
-ERROR_CODES = codes_by_status(excluding=MAPPING_API_CODES)
+ERROR_CODES = codes_by_status(excluding=MAPPING_API_CODES | PORTAL_LINK_CODES)
 NOTES = {429: " (with `Retry-After`)", 503: " (with `Retry-After`)"}
 
 
