@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint migrate venv clean pg-stop check-dashboards
+.PHONY: run test lint migrate venv clean pg-stop check-dashboards chromium
 
 # (Re)create the virtualenv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -26,7 +26,14 @@ run: venv
 	@$(with_database) \
 	LOG_FORMAT="$${LOG_FORMAT:-console}" $(BIN)/portal-gateway demo
 
-test: venv
+# Debian's Chromium for the browser test of portal links (scripts/chromium.sh;
+# a no-op when installed). Where it cannot be installed `make test` goes on and
+# that test skips, saying why.
+chromium:
+	@scripts/chromium.sh >/dev/null || \
+		echo "make: Chromium could not be installed (above); the browser test will skip" >&2
+
+test: venv chromium
 	PG_ADMIN_URL="$$(scripts/postgres.sh url)" $(BIN)/pytest -n 2
 
 # The Grafana dashboard and alert rules against a real Prometheus (installed

@@ -22,6 +22,7 @@ import signal
 from collections.abc import Mapping
 from pathlib import Path
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         changes["stripe_user_metadata_key"] = DEMO_METADATA_KEY
     if args.port is not None:
         changes["port"] = args.port
+    if settings.public_base_url is None:
+        # Portal links (SPEC §13) on the address the demo prints.
+        changes["public_base_url"] = _base_url(settings.host, args.port or settings.port)
     settings = settings.replace(**changes)
     logs.configure(settings.log_level, settings.log_format)
 
@@ -124,7 +128,8 @@ async def _serve(settings: Settings, use_standin: bool, standin_port: int) -> No
             from stripe_standin import STATE
             from stripe_standin import create_app as create_standin
 
-            standin_app = create_standin()
+            # Portal URLs on the stand-in itself: a browser can open what the demo prints.
+            standin_app = create_standin(session_url_base=f"http://127.0.0.1:{standin_port}")
             standin_app[STATE].seed_customers(STANDIN_CUSTOMERS)
             standin_app[STATE].seed_subscriptions(STANDIN_SUBSCRIPTIONS)
             standin_app[STATE].seed_catalogue(STANDIN_CATALOGUE)
@@ -139,7 +144,8 @@ async def _serve(settings: Settings, use_standin: bool, standin_port: int) -> No
         await service.setup()
         runners.append(service)
         await web.TCPSite(service, settings.host, settings.port).start()
-        print(_curl(settings, token, use_standin, portal), flush=True)
+        link = await _portal_link(settings, token)
+        print(_curl(settings, token, use_standin, portal, link), flush=True)
         await _until_signalled()
     finally:
         for runner in reversed(runners):
@@ -176,11 +182,41 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+def _base_url(host: str, port: int) -> str:
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+    return f"http://{host}:{port}"
+
+
+# The printed link opens the demo user's portal home page.
+LINK_BODY = {"user_id": "demo-user"}
+
+
+async def _portal_link(settings: Settings, token: str) -> str | None:
+    """A portal link made through the running service, to paste into a browser."""
+    url = f"{_base_url(settings.host, settings.port)}/v1/portal-links"
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=LINK_BODY, headers=headers) as resp,
+        ):
+            if resp.status == 201:
+                link: str = (await resp.json())["url"]
+                return link
+            structlog.get_logger("app").warning("demo_link_not_made", status=resp.status)
+    except aiohttp.ClientError as exc:
+        structlog.get_logger("app").warning("demo_link_not_made", error=str(exc))
+    return None
+
+
 def _curl(
-    settings: Settings, token: str, use_standin: bool = True, portal: str | None = None
+    settings: Settings,
+    token: str,
+    use_standin: bool = True,
+    portal: str | None = None,
+    link: str | None = None,
 ) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
-    base = f"http://{host}:{settings.port}"
+    base = _base_url(settings.host, settings.port)
     session: dict[str, object] = {
         "user_id": "demo-user",
         "flow": {"type": "subscription_update_confirm", "plan": "pro-yearly"},
@@ -213,6 +249,14 @@ def _curl(
                 token,
                 {"user_id": DEMO_USER_2, "flow": {"type": "subscription_cancel"}},
             )
+        )
+    if link is not None:
+        minutes = settings.portal_link_ttl_seconds // 60
+        text += (
+            "Or paste this portal link into a browser: it opens the portal of demo-user, once,"
+            f" within {minutes} minutes\n(SPEC §13; links are made with POST /v1/portal-links):"
+            f"\n\n  {link}\n\n"
+            + _command("POST", f"{base}/v1/portal-links", token, LINK_BODY)
         )
     return text + "Ctrl-C stops the service and the Stripe stand-in.\n"
 

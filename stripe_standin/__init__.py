@@ -9,7 +9,9 @@ not import ``service``): the service's tests and ``make run`` point
 configuration endpoints (``/v1/billing_portal/configurations``: create, update,
 retrieve, list), scopes every object to the connected account it was seeded or
 made on (the ``Stripe-Account`` header, Connect), records every request, and
-injects faults on demand through ``/_standin/...``.
+injects faults on demand through ``/_standin/...``. Portal session URLs point
+at billing.stripe.com unless ``session_url_base`` says otherwise; the stand-in
+serves the page of each session it created at ``/p/session/{id}``.
 
 Run it with ``python -m stripe_standin`` or build it in-process with
 :func:`create_app`; ``app[STATE]`` is the :class:`StandinState` behind both.
@@ -32,13 +34,21 @@ Where things are:
   customers, the account each seeded object lives on; ``customers``: how a
   customer seed becomes a Stripe customer object;
 * ``control`` and ``control_input``: the ``/_standin`` control API and its input
-  checks; ``responses``: JSON and request-id helpers both faces use.
+  checks; ``responses``: JSON and request-id helpers both faces use;
+* ``portal_page``: the page a session URL opens when it points at the stand-in.
 """
 
 from .app import create_app
 from .control_input import ControlError
 from .faults import Fault
-from .state import DEFAULT_API_KEY_PREFIXES, REDACTED, STATE, RecordedRequest, StandinState
+from .state import (
+    DEFAULT_API_KEY_PREFIXES,
+    DEFAULT_SESSION_URL_BASE,
+    REDACTED,
+    STATE,
+    RecordedRequest,
+    StandinState,
+)
 from .stripe_api import DEFAULT_API_VERSION, mask_api_key
 from .stripe_endpoints import DEFAULT_CONFIGURATION
 from .validation import LOCALES, StripeError, decode_form
@@ -50,6 +60,7 @@ __all__ = [
     "DEFAULT_API_VERSION",
     "DEFAULT_CONFIGURATION",
     "DEFAULT_PORT",
+    "DEFAULT_SESSION_URL_BASE",
     "LOCALES",
     "REDACTED",
     "STATE",

@@ -7,7 +7,8 @@ Two faces, each in its own modules:
   in :mod:`.validation`, scripted faults in :mod:`.faults` and
   :mod:`.fault_responses`;
 * the control API (``/_standin/...``, no auth) in :mod:`.control`, through which
-  tests and the demo read what was received and script what happens next.
+  tests and the demo read what was received and script what happens next;
+* the portal page a session URL opens (``/p/session/{id}``) in :mod:`.portal_page`.
 
 All of it lives in one :class:`~stripe_standin.state.StandinState`
 (``app[STATE]``), so in-process tests can inspect and script it directly as well.
@@ -21,10 +22,10 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from . import configuration_endpoints, control, stripe_endpoints
+from . import configuration_endpoints, control, portal_page, stripe_endpoints
 from .control_input import MAX_LATENCY_MS
 from .responses import Handler, current_request_id, json_response, random_token
-from .state import DEFAULT_API_KEY_PREFIXES, STATE, StandinState
+from .state import DEFAULT_API_KEY_PREFIXES, DEFAULT_SESSION_URL_BASE, STATE, StandinState
 from .stripe_api import api_handler
 
 __all__ = ["create_app"]
@@ -61,12 +62,16 @@ def create_app(
     *,
     api_key_prefixes: Iterable[str] = DEFAULT_API_KEY_PREFIXES,
     latency_ms: float = 0,
+    session_url_base: str = DEFAULT_SESSION_URL_BASE,
 ) -> web.Application:
     """Build the stand-in application (no I/O; run it with any aiohttp runner).
 
     ``api_key_prefixes``: keys accepted as ``Authorization: Bearer <key>``.
     ``latency_ms``: standing delay before every API answer (``POST /_standin/latency``
     changes it; ``POST /_standin/reset`` restores this value).
+    ``session_url_base``: what portal session URLs start with; the stand-in's own
+    URL makes them pages a browser can open (``GET /p/session/{id}``);
+    ``POST /_standin/session_url_base`` changes it, ``POST /_standin/reset`` restores it.
     """
     prefixes = tuple(api_key_prefixes)
     if not prefixes or not all(prefixes):
@@ -74,7 +79,11 @@ def create_app(
     if not 0 <= latency_ms <= MAX_LATENCY_MS:
         raise ValueError(f"latency_ms must be between 0 and {MAX_LATENCY_MS:.0f}")
     app = web.Application(middlewares=[_request_id_middleware])
-    app[STATE] = StandinState(api_key_prefixes=prefixes, latency_ms=float(latency_ms))
+    app[STATE] = StandinState(
+        api_key_prefixes=prefixes,
+        latency_ms=float(latency_ms),
+        session_url_base=session_url_base,
+    )
     app.on_shutdown.append(_release_waiters)
 
     control_routes: list[tuple[str, str, control.ControlHandler]] = [
@@ -86,6 +95,8 @@ def create_app(
         ("DELETE", "/_standin/faults", control.delete_faults),
         ("GET", "/_standin/latency", control.get_latency),
         ("POST", "/_standin/latency", control.post_latency),
+        ("GET", "/_standin/session_url_base", control.get_session_url_base),
+        ("POST", "/_standin/session_url_base", control.post_session_url_base),
         ("GET", "/_standin/missing", control.get_missing),
         ("POST", "/_standin/missing", control.post_missing),
         ("DELETE", "/_standin/missing", control.delete_missing),
@@ -127,6 +138,8 @@ def create_app(
     app.router.add_get("/v1/subscriptions", api_handler(stripe_endpoints.SUBSCRIPTIONS_ROUTE))
     app.router.add_get("/v1/customers", api_handler(stripe_endpoints.CUSTOMERS_ROUTE))
     app.router.add_get("/v1/customers/{id}", api_handler(stripe_endpoints.CUSTOMER_ROUTE))
+    # The portal a session URL opens, when session_url_base is the stand-in itself.
+    app.router.add_get("/p/session/{id}", portal_page.session_page)
     # Registered last so it only catches what the routes above do not (wrong path
     # or wrong method), which Stripe answers with a 404 in its own error shape.
     app.router.add_route("*", "/v1/{tail:.*}", api_handler(stripe_endpoints.UNKNOWN_ROUTE))

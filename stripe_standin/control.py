@@ -1,6 +1,7 @@
 """The control API (``/_standin/...``, no auth): how tests and the demo drive the stand-in.
 
-Read and clear what was received; queue faults; set the standing latency;
+Read and clear what was received; queue faults; set the standing latency and
+the base of portal session URLs;
 declare ids (objects or connected accounts) that do not exist; seed the
 subscriptions ``GET /v1/subscriptions`` returns, the customers
 ``GET /v1/customers`` returns and the products and prices portal
@@ -41,6 +42,7 @@ __all__ = [
     "get_latency",
     "get_missing",
     "get_requests",
+    "get_session_url_base",
     "get_subscriptions",
     "health",
     "post_catalogue",
@@ -50,6 +52,7 @@ __all__ = [
     "post_latency",
     "post_missing",
     "post_reset",
+    "post_session_url_base",
     "post_subscriptions",
 ]
 
@@ -117,6 +120,14 @@ async def get_latency(request: web.Request, state: StandinState) -> object:
 
 async def post_latency(request: web.Request, state: StandinState) -> object:
     return {"ms": state.set_latency(await _json_object(request, "ms"))}
+
+
+async def get_session_url_base(request: web.Request, state: StandinState) -> object:
+    return {"base": state.session_url_base}
+
+
+async def post_session_url_base(request: web.Request, state: StandinState) -> object:
+    return {"base": state.set_session_url_base(await _json_object(request, "base"))}
 
 
 async def get_missing(request: web.Request, state: StandinState) -> object:

@@ -5,7 +5,8 @@ seeded customers and subscriptions (how a subscription seed becomes a Stripe
 object is here; a customer's in :mod:`.customers`), the seeded catalogue of
 products and prices (:mod:`.catalogue`), the portal configurations created
 through the API (:mod:`.configurations`), the connected account each object
-lives on (Connect), and responses stored under idempotency keys.
+lives on (Connect), responses stored under idempotency keys, and the portal
+sessions created with the base their URLs start with (``session_url_base``).
 The control API reads and scripts it over HTTP; in-process tests reach it
 directly as ``app[STATE]``.
 """
@@ -19,6 +20,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -26,19 +28,25 @@ from .catalogue import Catalogue, product_seed
 from .control_input import MAX_LATENCY_MS, ControlError, is_int, is_number
 from .customers import customer_object, seed_account
 from .faults import Fault
+from .responses import random_token
 from .validation import SUBSCRIPTION_STATUSES, IdRef, Params, StripeError, Value, format_param
 
 __all__ = [
     "DEFAULT_API_KEY_PREFIXES",
+    "DEFAULT_SESSION_URL_BASE",
     "REDACTED",
     "STATE",
     "RecordedRequest",
+    "SessionPage",
     "StandinState",
     "StoredResponse",
     "recorded_headers",
 ]
 
 DEFAULT_API_KEY_PREFIXES: Final = ("sk_test_", "rk_test_")
+# Where Stripe's portal session URLs point; a test or the demo that wants a page a
+# browser can load sets the stand-in's own URL instead (it serves /p/session/{id}).
+DEFAULT_SESSION_URL_BASE: Final = "https://billing.stripe.com"
 # Stands in for the Authorization header in recorded requests: tests must be
 # able to dump recordings without leaking the key they used.
 REDACTED: Final = "[redacted]"
@@ -102,6 +110,14 @@ class StoredResponse:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """What the portal page of a created session shows (:mod:`.portal_page`)."""
+
+    customer: str
+    return_url: str | None
+
+
 class StandinState:
     """Everything the stand-in remembers: recordings, scripted faults and seeded data."""
 
@@ -110,10 +126,18 @@ class StandinState:
         *,
         api_key_prefixes: tuple[str, ...] = DEFAULT_API_KEY_PREFIXES,
         latency_ms: float = 0.0,
+        session_url_base: str = DEFAULT_SESSION_URL_BASE,
     ) -> None:
         self.api_key_prefixes = api_key_prefixes
         self.default_latency_ms = latency_ms
         self.latency_ms = latency_ms
+        self.default_session_url_base = check_session_url_base(session_url_base)
+        # A portal session's ``url`` is f"{session_url_base}/p/session/test_<random>".
+        self.session_url_base = self.default_session_url_base
+        # The last segment of each created session's URL -> what its page shows, so
+        # that GET /p/session/{id} can answer it (and 404 any other id). Only that,
+        # not the session: a benchmark run creates hundreds of thousands.
+        self.portal_sessions: dict[str, SessionPage] = {}
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
         self.missing_ids: set[str] = set()
@@ -165,6 +189,21 @@ class StandinState:
             raise ControlError(f"ms must be a number from 0 to {MAX_LATENCY_MS:.0f}")
         self.latency_ms = float(cast(float, ms))
         return self.latency_ms
+
+    # -- portal session URLs
+
+    def set_session_url_base(self, base: object) -> str:
+        """Point new portal session URLs at ``base`` (control-API JSON form)."""
+        self.session_url_base = check_session_url_base(base)
+        return self.session_url_base
+
+    def new_session_url(self, session: dict[str, Any]) -> str:
+        """A fresh portal URL under ``session_url_base``, remembered for its page."""
+        session_id = "test_" + random_token(64)
+        # A session for a v2 Account has customer_account instead of customer.
+        customer = session.get("customer") or session.get("customer_account") or ""
+        self.portal_sessions[session_id] = SessionPage(str(customer), session.get("return_url"))
+        return f"{self.session_url_base}/p/session/{session_id}"
 
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the server shuts down."""
@@ -380,9 +419,22 @@ class StandinState:
         self.clear_catalogue()
         self.clear_configurations()
         self.idempotency.clear()
+        self.session_url_base = self.default_session_url_base
+        self.portal_sessions.clear()
 
 
 STATE: Final = web.AppKey("stripe_standin.state", StandinState)
+
+
+def check_session_url_base(base: object) -> str:
+    """``base`` as a session URL base: an absolute http(s) origin, maybe with a path."""
+    if not isinstance(base, str):
+        raise ControlError("base must be a string")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ControlError(f"base must be an http(s) URL with no query or fragment, got {base!r}")
+    # Without this a base of "http://host/" would make URLs with "//p/session".
+    return base.rstrip("/")
 
 
 # --------------------------------------------------------------------------- seeded subscriptions

@@ -1,7 +1,8 @@
 """What each imitated Stripe endpoint answers, once :mod:`.stripe_api` lets it.
 
 * ``POST /v1/billing_portal/sessions``: validated as strictly as Stripe, then a
-  ``billing_portal.session`` echoing the request; refused when the named
+  ``billing_portal.session`` echoing the request, its ``url`` under the state's
+  ``session_url_base`` (:mod:`.portal_page` serves it); refused when the named
   configuration (one made through the API) cannot serve it (inactive, the
   flow's feature disabled, a confirm price it does not offer);
 * ``GET /v1/subscriptions``: filters and pages over the seeded subscriptions;
@@ -28,7 +29,7 @@ from .configurations import session_refusal
 from .customers import deleted_customer
 from .listing import ListOf
 from .responses import random_token
-from .state import StandinState
+from .state import DEFAULT_SESSION_URL_BASE, StandinState
 from .stripe_api import ApiCall, ApiRoute
 from .validation import (
     LIST_CUSTOMERS,
@@ -72,8 +73,9 @@ def _list(value: Value | None) -> list[Value]:
 # --------------------------------------------------------------------------- portal sessions
 
 
-def _new_session_url() -> str:
-    return "https://billing.stripe.com/p/session/test_" + random_token(64)
+def _fake_session_url() -> str:
+    # A distorted body is never opened in a browser: Stripe's own host will do.
+    return f"{DEFAULT_SESSION_URL_BASE}/p/session/test_" + random_token(64)
 
 
 def _flow_object(flow_data: dict[str, Value]) -> dict[str, Any]:
@@ -166,7 +168,7 @@ def _session_object(params: Params, *, validated: bool = True) -> dict[str, Any]
             "locale": _str(params.get("locale")),
             "on_behalf_of": _str(params.get("on_behalf_of")),
             "return_url": _str(params.get("return_url")),
-            "url": _new_session_url(),
+            "url": _fake_session_url(),
         }
     )
     return session
@@ -181,7 +183,10 @@ def _create_portal_session(state: StandinState, call: ApiCall) -> dict[str, Any]
     refusal = session_refusal(config, call.params) if config is not None else None
     if refusal is not None:
         raise refusal
-    return _session_object(call.params)
+    session = _session_object(call.params)
+    # Under the state's base, and remembered: GET /p/session/{id} shows its page.
+    session["url"] = state.new_session_url(session)
+    return session
 
 
 def _fake_portal_session(params: Params | None) -> dict[str, Any]:

@@ -23,8 +23,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 
@@ -489,6 +491,17 @@ async def drive(t: Traffic, *, first: bool) -> None:
         event = configuration_event("billing_portal.configuration.updated", edited)
         resp = await deliver(s, event, secret=WEBHOOK_SECRET)
         assert (await resp.json())["result"] == "applied"
+    # Portal links (SPEC §13): made, viewed, opened, then clicked again (used).
+    resp = await s.post(
+        "/v1/portal-links",
+        data=orjson.dumps({"user_id": "u_42"}),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert resp.status == 201, await resp.text()
+    link = urlsplit((await resp.json())["url"]).path
+    assert (await s.get(link)).status == 200
+    assert (await s.post(link, allow_redirects=False)).status == 303
+    assert (await s.post(link, allow_redirects=False)).status == 410
     # A webhook that is not Stripe's.
     resp = await s.post(
         "/v1/stripe/webhooks", data=b"{}", headers={"Stripe-Signature": "t=1,v1=00"}
@@ -569,6 +582,7 @@ async def test_every_panel_and_rule_works_against_a_real_prometheus(
         STRIPE_MAX_RETRIES="1",
         STRIPE_WEBHOOK_SECRETS=WEBHOOK_SECRET,
         STRIPE_USER_METADATA_KEY=METADATA_KEY,
+        PUBLIC_BASE_URL="https://billing-gw.example.com",
     )
     instance = f"127.0.0.1:{service.server.port}"
     traffic = Traffic(service, standin, conn, token, tiny)

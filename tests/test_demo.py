@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -100,13 +101,14 @@ async def demo(database_url: str) -> Any:
 
 
 async def test_the_printed_commands_work(demo: str) -> None:
-    session_cmd, put_cmd, get_cmd, second_session_cmd = _commands(demo)
+    session_cmd, put_cmd, get_cmd, second_session_cmd, link_cmd = _commands(demo)
     # A profile of deploy/profiles.example.yaml, applied to the stand-in at start (SPEC §12).
     assert json.loads(session_cmd[-1])["portal"] == "pro"
     async with aiohttp.ClientSession() as session:
         status, body = await _as_curl(session, session_cmd)
         assert status == 201, body
-        assert body["url"].startswith("https://")
+        # The stand-in's own portal page: a browser can open it (SPEC §9).
+        assert re.match(r"http://127\.0\.0\.1:\d+/p/session/", body["url"]), body["url"]
 
         # The second demo user: linked through the API, its subscription backfilled.
         assert put_cmd[3] == "PUT"
@@ -120,3 +122,20 @@ async def test_the_printed_commands_work(demo: str) -> None:
         status, body = await _as_curl(session, second_session_cmd)
         assert status == 201, body
         assert body["flow"] == "subscription_cancel"
+
+        # The portal link printed to paste into a browser (SPEC §13), and the curl
+        # that makes another.
+        (link,) = [line.strip() for line in demo.splitlines() if "/v1/portal-links/" in line]
+        async with session.get(link) as page:
+            assert page.status == 200
+            assert "text/html" in page.headers["Content-Type"]
+        async with session.post(link, allow_redirects=False) as opened:
+            assert opened.status == 303, await opened.text()
+            portal = opened.headers["Location"]
+        async with session.get(portal) as shown:  # the stand-in's portal page
+            assert shown.status == 200, portal
+        async with session.post(link, allow_redirects=False) as again:
+            assert again.status == 410
+        status, body = await _as_curl(session, link_cmd)
+        assert status == 201, body
+        assert body["url"].startswith(link.rsplit("/", 1)[0] + "/")

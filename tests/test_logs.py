@@ -78,11 +78,15 @@ def test_redact_masks_what_slips_through() -> None:
     text = (
         "key sk_live_abc123 token pgw_abcdefghijklmnopqrstuvwxyz0123456789 "
         "url https://billing.stripe.com/p/session/test_abc jwt eyJa.eyJb.c2ln "
-        "header Bearer abc.def whsec_abcdef"
+        "header Bearer abc.def whsec_abcdef "
+        "link https://gw.example.com/v1/portal-links/Tok3n_-Tok3n_-Tok3n_-Tok3n_-Tok3n_-Tok3n_-ab"
     )
     masked = redact(text)
-    for secret in ("sk_live_abc123", "pgw_abc", "billing.stripe.com", "eyJa", "abc.def", "whsec_"):
+    secrets = ("sk_live_abc123", "pgw_abc", "billing.stripe.com", "eyJa", "abc.def", "whsec_")
+    for secret in (*secrets, "Tok3n"):
         assert secret not in masked
+    # The route template is no secret: access lines keep it.
+    assert redact("route /v1/portal-links/{token}") == "route /v1/portal-links/{token}"
 
 
 ACCESS_FIELDS = {

@@ -406,3 +406,28 @@ def test_public_base_url_is_validated() -> None:
         assert Settings.from_env({**base, "PUBLIC_BASE_URL": good}).public_base_url == kept
     with pytest.raises(ConfigError, match="PORTAL_LINK_TTL_SECONDS"):
         Settings.from_env({**base, "PORTAL_LINK_TTL_SECONDS": "86401"})
+
+
+@pytest.mark.parametrize(
+    ("url", "from_stripe", "from_loopback"),
+    [
+        ("https://billing.stripe.com/p/session/test_abc", True, True),
+        ("http://127.0.0.1:4242/p/session/test_abc", False, True),
+        ("http://[::1]:4242/p/session/test_abc", False, True),
+        ("http://billing.stripe.com/p/session/test_abc", False, False),
+        ("http://127.0.0.1:80@evil.example/p/session/x", False, False),
+        ("http://127.0.0.1.evil.example/p/session/x", False, False),
+        ("javascript:alert(1)", False, False),
+        ("http://[::1/p", False, False),
+    ],
+)
+def test_the_redirect_goes_to_https_or_a_stand_in_on_this_machine(
+    url: str, from_stripe: bool, from_loopback: bool
+) -> None:
+    """The 303 goes where the upstream's session says: an https URL; plain http to
+    loopback only when the upstream itself is on loopback (a stand-in), never Stripe."""
+    from service.stripe.client import _is_session
+
+    body = {"id": "bps_1", "url": url, "created": 1}
+    assert _is_session(body) is from_stripe
+    assert _is_session(body, loopback_upstream=True) is from_loopback

@@ -2560,3 +2560,143 @@ async def test_configurations_are_cleared_and_reset(client: Client) -> None:
     await control(client, "POST", "reset")
     state = state_of(client)
     assert (state.configurations, state.catalogue.products, state.accounts) == ({}, {}, {})
+
+
+# --------------------------------------------------------------------------- portal pages
+
+
+def session_page_path(url: str) -> str:
+    """The stand-in path of a portal session URL, whatever host it names."""
+    path = url.split("://", 1)[1].partition("/")[2]
+    assert path.startswith("p/session/test_"), url
+    return "/" + path
+
+
+async def test_session_urls_point_at_stripe_by_default_and_have_a_page(client: Client) -> None:
+    assert state_of(client).session_url_base == "https://billing.stripe.com"
+    status, body, _ = await post_session(client, list(BASE))
+    assert status == 200
+    assert body["url"].startswith("https://billing.stripe.com/p/session/test_")
+    assert len(body["url"].rpartition("/test_")[2]) == 64
+
+    async with client.get(session_page_path(body["url"])) as resp:
+        page = await resp.text()
+        assert resp.status == 200, page
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["Content-Security-Policy"] == "default-src 'none'"
+    assert "<title>Stand-in customer portal</title>" in page
+    assert '<h1 id="portal">Customer portal</h1>' in page
+    assert '<code id="customer">cus_NciAYcXfLnqBoz</code>' in page
+    assert '<a id="return" href="https://example.com/account">' in page
+    # The page is for browsers, not a Stripe API call: it is not recorded.
+    assert [r.path for r in state_of(client).requests] == [SESSIONS]
+
+
+async def test_session_urls_under_the_stand_in_itself_open_its_page(client: Client) -> None:
+    base = str(client.make_url("")).rstrip("/")
+    state_of(client).session_url_base = base  # what the browser test does
+    status, body, _ = await post_session(client, list(BASE), {"Idempotency-Key": "page"})
+    assert status == 200
+    assert body["url"].startswith(f"{base}/p/session/test_")
+
+    # The absolute URL, as a browser would open it.
+    async with client.session.get(body["url"]) as resp:
+        assert resp.status == 200
+        assert "cus_NciAYcXfLnqBoz" in await resp.text()
+    # An idempotent replay answers the same URL, which still opens.
+    _, replay, _ = await post_session(client, list(BASE), {"Idempotency-Key": "page"})
+    assert replay["url"] == body["url"]
+    async with client.session.get(replay["url"]) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/p/session/test_" + "a" * 64,  # well-formed, never created
+        "/p/session/bps_1NciAYcXfLnqBoz",
+        "/p/session/",
+    ],
+)
+async def test_a_session_the_stand_in_did_not_create_has_no_page(client: Client, path: str) -> None:
+    await post_session(client, list(BASE))
+    async with client.get(path) as resp:
+        assert resp.status == 404
+        page = await resp.text()
+    if path != "/p/session/":  # the router's own 404 for a missing id
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "No such portal session" in page
+        assert 'id="portal"' not in page
+
+
+async def test_a_refused_or_distorted_session_has_no_page(client: Client) -> None:
+    status, _, _ = await post_session(client, [("return_url", "https://example.com")])
+    assert status == 400
+    await control(client, "POST", "faults", {"faults": [{"wrong_object": True}]})
+    await post_session(client, list(BASE))
+    assert state_of(client).portal_sessions == {}
+
+
+async def test_a_session_for_an_account_shows_the_account(client: Client) -> None:
+    status, body, _ = await post_session(client, [("customer_account", "acct_1Nv0FGQ9RKHgCVdK")])
+    assert status == 200, body
+    async with client.get(session_page_path(body["url"])) as resp:
+        page = await resp.text()
+    assert '<code id="customer">acct_1Nv0FGQ9RKHgCVdK</code>' in page
+    assert 'id="return"' not in page  # no return_url, no way back to show
+
+
+async def test_the_page_escapes_what_the_session_echoes(client: Client) -> None:
+    pairs = [("customer", "cus_NciAYcXfLnqBoz"), ("return_url", 'https://example.com/?a=1&b="<x>')]
+    status, body, _ = await post_session(client, pairs)
+    assert status == 200, body
+    async with client.get(session_page_path(body["url"])) as resp:
+        page = await resp.text()
+    assert 'href="https://example.com/?a=1&amp;b=&quot;&lt;x&gt;"' in page
+    assert "<x>" not in page
+
+
+async def test_session_url_base_through_the_control_api(client: Client) -> None:
+    assert await control(client, "GET", "session_url_base") == {
+        "base": "https://billing.stripe.com"
+    }
+    # A trailing slash is dropped so URLs never hold "//p/session".
+    assert await control(
+        client, "POST", "session_url_base", {"base": "http://127.0.0.1:12111/"}
+    ) == {"base": "http://127.0.0.1:12111"}
+    _, body, _ = await post_session(client, list(BASE))
+    assert body["url"].startswith("http://127.0.0.1:12111/p/session/test_")
+    assert await control(client, "GET", "session_url_base") == {"base": "http://127.0.0.1:12111"}
+
+    await control(client, "POST", "reset")
+    assert state_of(client).session_url_base == "https://billing.stripe.com"
+    # Reset forgets the sessions too: their pages are gone.
+    async with client.get(session_page_path(body["url"])) as resp:
+        assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    "base",
+    [None, 1, "", "billing.stripe.com", "ftp://h", "http://", "http://h/?q=1", "http://h/#f"],
+)
+async def test_bad_session_url_bases_are_refused(client: Client, base: object) -> None:
+    async with client.post("/_standin/session_url_base", json={"base": base}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]
+    assert state_of(client).session_url_base == "https://billing.stripe.com"
+
+
+async def test_session_url_base_given_at_creation_is_what_reset_restores(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    client = await aiohttp_client(create_app(session_url_base="http://127.0.0.1:12111/"))
+    state = state_of(client)
+    assert state.session_url_base == "http://127.0.0.1:12111"
+    state.set_session_url_base("https://portal.example.com/custom")
+    _, body, _ = await post_session(client, list(BASE))
+    assert body["url"].startswith("https://portal.example.com/custom/p/session/test_")
+    state.reset()
+    assert state.session_url_base == "http://127.0.0.1:12111"
+    with pytest.raises(ValueError, match="base must be"):
+        create_app(session_url_base="not a url")

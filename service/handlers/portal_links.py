@@ -247,9 +247,11 @@ def _limit_clicks(request: web.Request) -> None:
 
 
 _TITLES = {
-    404: "This link does not exist",
-    410: "This link can no longer be used",
-    429: "Too many attempts",
+    "portal_link_not_found": "This link does not exist",
+    "portal_link_used": "This link was used already",
+    "portal_link_expired": "This link has expired",
+    "portal_link_revoked": "This link is no longer valid",
+    "rate_limited": "Too many attempts",
 }
 
 
@@ -260,7 +262,7 @@ def _refused(request: web.Request, error: ServiceError, *, counted: bool = False
     log_fields(request, error_code=error.code)
     if _wants_json(request):
         raise error
-    title = _TITLES.get(error.status, "The billing portal could not be opened")
+    title = _TITLES.get(error.code, "The billing portal could not be opened")
     text = error.detail if error.status < 500 else f"{error.detail} Please try again."
     back = error.extra.get("return_url")
     return message_page(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -100,12 +101,27 @@ class Reply:
     attempts: int
 
 
-def _is_session(body: dict[str, Any]) -> bool:
+# Stripe's portal URLs are https. Plain http only on loopback, and only from an
+# upstream on loopback itself (a stand-in serving its own portal page, which a
+# browser in the demo or a test can open): never from Stripe's API.
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` is plain http to this machine (no userinfo to hide another host)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme == "http" and parts.hostname in _LOOPBACK and "@" not in parts.netloc
+
+
+def _is_session(body: dict[str, Any], *, loopback_upstream: bool = False) -> bool:
     url = body.get("url")
     return (
         isinstance(body.get("id"), str)
         and isinstance(url, str)
-        and url.startswith("https://")
+        and (url.startswith("https://") or (loopback_upstream and is_loopback_url(url)))
         and isinstance(body.get("created"), int)
     )
 
@@ -156,6 +172,7 @@ class StripeClient:
         self._settings = settings
         self._metrics = metrics
         self._pace = pace
+        self._loopback_upstream = is_loopback_url(settings.stripe_api_base)
         self._headers = {
             "Authorization": f"Bearer {settings.stripe_api_key.reveal()}",
             "Stripe-Version": settings.stripe_api_version,
@@ -199,7 +216,7 @@ class StripeClient:
                 SESSIONS_PATH,
                 params,
                 expect="billing_portal.session",
-                valid=_is_session,
+                valid=self._is_session,
                 deadline=deadline,
                 idempotency_key=idempotency_key,
                 stripe_account=stripe_account,
@@ -217,6 +234,9 @@ class StripeClient:
             request_id=reply.request_id,
             attempts=reply.attempts,
         )
+
+    def _is_session(self, body: dict[str, Any]) -> bool:
+        return _is_session(body, loopback_upstream=self._loopback_upstream)
 
     async def list_subscriptions(
         self, customer: str, *, stripe_account: str | None = None
