@@ -255,8 +255,7 @@ def _curl(
         text += (
             "Or paste this portal link into a browser: it opens the portal of demo-user, once,"
             f" within {minutes} minutes\n(SPEC §13; links are made with POST /v1/portal-links):"
-            f"\n\n  {link}\n\n"
-            + _command("POST", f"{base}/v1/portal-links", token, LINK_BODY)
+            f"\n\n  {link}\n\n" + _command("POST", f"{base}/v1/portal-links", token, LINK_BODY)
         )
     return text + "Ctrl-C stops the service and the Stripe stand-in.\n"
 
