@@ -35,6 +35,20 @@ RETRY_AFTER = {
     }
 }
 
+# Printable ASCII; HTTP drops a header value's outer spaces, so the key starts
+# and ends with a visible character.
+IDEMPOTENCY_KEY_PARAMETER: dict[str, Any] = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": r"^[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?$",
+    },
+}
+
 # Any value is taken: a tracing header never fails a request (SPEC §2).
 REQUEST_ID_PARAMETER: dict[str, Any] = {
     "in": "header",

@@ -29,7 +29,12 @@ from service.errors import (
     ServiceError,
     codes_by_status,
 )
-from service.handlers.openapi import REQUEST_ID_PARAMETER, docs, problem_responses
+from service.handlers.openapi import (
+    IDEMPOTENCY_KEY_PARAMETER,
+    REQUEST_ID_PARAMETER,
+    docs,
+    problem_responses,
+)
 from service.link_pages import message_page, open_page
 from service.middlewares import log_fields
 from service.portal_links import create_link, open_link, view_link
@@ -96,17 +101,7 @@ def _with_html(responses: dict[int, dict[str, object]]) -> dict[int, dict[str, o
         "Stripe call: a retried creation makes a second link, each good for one click."
     ),
     parameters=[
-        {
-            "in": "header",
-            "name": "Idempotency-Key",
-            "required": False,
-            "schema": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 255,
-                "pattern": r"^[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?$",
-            },
-        },
+        IDEMPOTENCY_KEY_PARAMETER,
         REQUEST_ID_PARAMETER,
     ],
     security=[{"bearerAuth": []}],

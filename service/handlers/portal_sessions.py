@@ -10,7 +10,12 @@ from service import keys
 from service.audit import ACTION_CREATE_SESSION
 from service.auth import SCOPE_CREATE_SESSIONS
 from service.errors import MAPPING_API_CODES, PORTAL_LINK_CODES, codes_by_status
-from service.handlers.openapi import REQUEST_ID_PARAMETER, docs, problem_responses
+from service.handlers.openapi import (
+    IDEMPOTENCY_KEY_PARAMETER,
+    REQUEST_ID_PARAMETER,
+    docs,
+    problem_responses,
+)
 from service.middlewares import log_fields
 from service.portal import open_portal_session
 from service.protected import Call, protected
@@ -31,19 +36,7 @@ NOTES = {429: " (with `Retry-After`)", 503: " (with `Retry-After`)"}
         "the TTL return the same session."
     ),
     parameters=[
-        {
-            "in": "header",
-            "name": "Idempotency-Key",
-            "required": False,
-            # Printable ASCII; HTTP drops a header value's outer spaces, so the
-            # key starts and ends with a visible character.
-            "schema": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 255,
-                "pattern": r"^[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?$",
-            },
-        },
+        IDEMPOTENCY_KEY_PARAMETER,
         REQUEST_ID_PARAMETER,
     ],
     security=[{"bearerAuth": []}],
