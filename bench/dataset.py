@@ -61,12 +61,13 @@ async def load(conn: asyncpg.Connection, users: int) -> Credentials:
         " VALUES ($1, $2, $3, true)",
         *PROFILE,
     )
+    # Self-serve (SPEC §5): the pool's end users ask for these plans and offers too.
     await conn.executemany(
-        "INSERT INTO plans (plan, stripe_price_id, active) VALUES ($1, $2, $3)",
+        "INSERT INTO plans (plan, stripe_price_id, active, self_serve) VALUES ($1, $2, $3, true)",
         [(plan, price, active) for plan, (price, active) in PLANS.items()],
     )
     await conn.executemany(
-        "INSERT INTO offers (name, kind, stripe_id) VALUES ($1, $2, $3)",
+        "INSERT INTO offers (name, kind, stripe_id, self_serve) VALUES ($1, $2, $3, true)",
         [(name, kind, stripe) for name, (kind, stripe) in OFFERS.items()],
     )
 
