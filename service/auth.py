@@ -18,7 +18,7 @@ import jwt
 from service.config import Settings
 from service.db import clients
 from service.db.pool import Database
-from service.errors import Unauthenticated
+from service.errors import Forbidden, Unauthenticated
 from service.jwt_keys import JwtKeys
 
 CLIENT_TOKEN_PREFIX = "pgw_"  # noqa: S105 - a public prefix, not a secret
@@ -31,6 +31,33 @@ JWT_LEEWAY_SECONDS = 30
 MAX_TOKEN_LENGTH = 8192
 
 
+@dataclass(slots=True)
+class PendingToken:
+    """A client token taken from the authenticator's cache, still to be confirmed
+    active by a query of this request (see Authenticator)."""
+
+    token_hash: bytes
+    # The scope the route requires: checked again against what the query reads.
+    scope: str
+    confirmed: bool = False
+    # What the confirming query read: the client's row, None if the token is revoked.
+    row: clients.ClientRow | None = None
+
+
+def confirm_token(principal: Principal, row: clients.ClientRow | None) -> None:
+    """Record what this request's query read of a cached principal's token; a
+    revoked token is a 401 here and now (and is forgotten when the request settles)."""
+    pending = principal.pending
+    if pending is None:
+        return
+    pending.confirmed = True
+    pending.row = row
+    if row is None:
+        raise Unauthenticated("revoked_token")
+    if pending.scope not in row.scopes:
+        raise Forbidden("insufficient_scope", f"This client lacks the {pending.scope} scope.")
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller."""
@@ -39,6 +66,8 @@ class Principal:
     id: str  # client name, or the user's id (the JWT's `sub`)
     scopes: frozenset[str]
     rate_limit_per_minute: int
+    # Set when the token came from the cache: it must be confirmed before any answer.
+    pending: PendingToken | None = None
 
     @property
     def key(self) -> str:
@@ -72,25 +101,69 @@ def bearer_token(header: str | None) -> str:
     return token
 
 
+# Client tokens remembered per replica; past this many the cache starts over.
+MAX_CACHED_CLIENTS = 10_000
+
+
 class Authenticator:
-    """Turns a bearer token into a Principal, or raises Unauthenticated."""
+    """Turns a bearer token into a Principal, or raises Unauthenticated.
+
+    Client tokens seen before come from an in-process cache, so a request whose
+    own query can confirm the token (``deferred=True``: the portal routes, whose
+    resolving statement reads the token's row too) saves a round trip. Such a
+    principal carries a :class:`PendingToken`; the protected pipeline never
+    answers before it is confirmed — by that statement or, on any other path,
+    by :meth:`confirm` — so a revoked token is refused on the very next request.
+    """
 
     def __init__(self, settings: Settings, db: Database, jwt_keys: JwtKeys | None) -> None:
         self._settings = settings
         self._db = db
         self._jwt_keys = jwt_keys
+        self._clients: dict[bytes, clients.ClientRow] = {}
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(
+        self, authorization: str | None, *, deferred: str | None = None
+    ) -> Principal:
+        """The caller. ``deferred``: the route's scope, when a query of the request
+        confirms a cached client token (else every client token is looked up)."""
         token = bearer_token(authorization)
         if token.startswith(CLIENT_TOKEN_PREFIX):
-            return await self._client(token)
+            return await self._client(hash_token(token), deferred=deferred)
         return await self._end_user(token)
 
-    async def _client(self, token: str) -> Principal:
-        row = await clients.find_client(self._db, hash_token(token))
+    async def _client(self, token_hash: bytes, *, deferred: str | None) -> Principal:
+        if deferred is not None:
+            cached = self._clients.get(token_hash)
+            if cached is not None:
+                return _client_principal(cached, PendingToken(token_hash, deferred))
+        row = await clients.find_client(self._db, token_hash)
         if row is None:
+            self._clients.pop(token_hash, None)
             raise Unauthenticated("unknown_token")
-        return Principal("client", row.name, frozenset(row.scopes), row.rate_limit_per_minute)
+        self._remember(token_hash, row)
+        return _client_principal(row, None)
+
+    async def settle(self, principal: Principal) -> None:
+        """Before any answer: confirm a cached principal's token if its request did not
+        (a lookup of its own; 401 if revoked), and keep the cache to what was read."""
+        pending = principal.pending
+        if pending is None:
+            return
+        try:
+            if not pending.confirmed:
+                confirm_token(principal, await clients.find_client(self._db, pending.token_hash))
+        finally:
+            if pending.confirmed and pending.row is None:
+                self._clients.pop(pending.token_hash, None)
+            elif pending.row is not None:
+                # New scopes or a new rate limit apply from the next request on.
+                self._remember(pending.token_hash, pending.row)
+
+    def _remember(self, token_hash: bytes, row: clients.ClientRow) -> None:
+        if len(self._clients) >= MAX_CACHED_CLIENTS and token_hash not in self._clients:
+            self._clients.clear()
+        self._clients[token_hash] = row
 
     async def _end_user(self, token: str) -> Principal:
         if self._jwt_keys is None:
@@ -131,6 +204,10 @@ class Authenticator:
         return Principal(
             "user", sub, frozenset({SCOPE_CREATE_SESSIONS}), s.end_user_rate_limit_per_minute
         )
+
+
+def _client_principal(row: clients.ClientRow, pending: PendingToken | None) -> Principal:
+    return Principal("client", row.name, frozenset(row.scopes), row.rate_limit_per_minute, pending)
 
 
 def _lifetime(claims: dict[str, Any]) -> float:

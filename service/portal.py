@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from service.audit import AuditEvent
-from service.auth import Principal
+from service.auth import Principal, confirm_token
 from service.config import Settings
 from service.db import mappings, resolve
 from service.db.pool import Database
@@ -113,7 +113,10 @@ async def prepare_session(
         offer=offer_name,
         with_subscriptions=flow_type in SUBSCRIPTION_FLOWS,
         claim=claim,
+        token_hash=principal.pending.token_hash if principal.pending else None,
     )
+    # A client token from the cache is confirmed by this same round trip: revoked → 401.
+    confirm_token(principal, resolve.client_of(row))
     if claim is not None and row["idem_request_hash"] != claim.request_hash:
         raise Conflict(
             "idempotency_conflict",

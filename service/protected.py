@@ -88,6 +88,8 @@ class Route:
     path: Schema | None
     body_limit: int
     idempotent: bool
+    # The handler's own query confirms a cached client token (see auth.Authenticator).
+    confirms_token: bool
 
 
 def protected(
@@ -98,6 +100,7 @@ def protected(
     path: type[Schema] | None = None,
     body_limit: int = JSON_BODY_LIMIT,
     idempotent: bool = False,
+    confirms_token: bool = False,
 ) -> Callable[[ProtectedHandler], Handler]:
     """Run ``handler`` behind the protected path; ``body`` (None: the route takes
     none) and ``path`` also document the request."""
@@ -108,6 +111,7 @@ def protected(
         path() if path is not None else None,
         body_limit,
         idempotent,
+        confirms_token,
     )
 
     def wrap(handler: ProtectedHandler) -> Handler:
@@ -132,7 +136,8 @@ async def _serve(
     deadline = (
         asyncio.get_running_loop().time() + request.app[keys.SETTINGS].request_deadline_seconds
     )
-    principal = await _authenticate(request)
+    authenticator = request.app[keys.AUTHENTICATOR]
+    principal = await _authenticate(request, deferred=route.scope if route.confirms_token else None)
     event = AuditEvent(
         request_id=request[keys.REQUEST_ID],
         principal_type=principal.type,
@@ -155,7 +160,20 @@ async def _serve(
             body = _validate(route.body, await _json_body(request, route.body_limit))
         key = _idempotency_key(request) if route.idempotent else None
         response = await handler(Call(request, principal, body, event, deadline, key, path))
+        # No answer before a cached client token is confirmed (usually done already).
+        await authenticator.settle(principal)
+    except Unauthenticated as exc:
+        # A cached client token this request's own query found revoked.
+        await authenticator.settle(principal)
+        _unauthenticated(request, exc)
+        raise
     except ServiceError as exc:
+        try:
+            await authenticator.settle(principal)
+        except Unauthenticated as revoked:
+            # Revoked: whatever else was wrong, the answer is the 401 (and no row).
+            _unauthenticated(request, revoked)
+            raise revoked from None
         store = _stored(request, principal, exc)
         await decided(request, event, started, exc.status, exc, store=store)
         raise
@@ -172,31 +190,37 @@ async def _serve(
     return response
 
 
-async def _authenticate(request: web.Request) -> Principal:
+async def _authenticate(request: web.Request, *, deferred: str | None) -> Principal:
     """The principal; a 401 is logged and counted, never stored (SPEC §6)."""
     try:
         principal = await request.app[keys.AUTHENTICATOR].authenticate(
-            request.headers.get("Authorization")
+            request.headers.get("Authorization"), deferred=deferred
         )
     except Unauthenticated as exc:
-        metrics = request.app[keys.METRICS]
-        metrics.auth_failures.labels(reason=exc.reason).inc()
-        metrics.session_errors.labels(code=exc.code).inc()
-        # Anonymous traffic can't fill the database.
-        metrics.audit_events.labels(outcome="unauthenticated").inc()
-        audit_log.warning(
-            "audit",
-            outcome="unauthenticated",
-            http_status=401,
-            error_code=exc.code,
-            reason=exc.reason,
-            route=route_label(request),
-            client_ip=client_ip(request),
-        )
+        _unauthenticated(request, exc)
         raise
     request[keys.PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(principal_type=principal.type, principal_id=principal.id)
     return principal
+
+
+def _unauthenticated(request: web.Request, exc: Unauthenticated) -> None:
+    """Log and count a 401; anonymous traffic can't fill the database, so no row."""
+    request.pop(keys.PRINCIPAL, None)
+    structlog.contextvars.unbind_contextvars("principal_type", "principal_id")
+    metrics = request.app[keys.METRICS]
+    metrics.auth_failures.labels(reason=exc.reason).inc()
+    metrics.session_errors.labels(code=exc.code).inc()
+    metrics.audit_events.labels(outcome="unauthenticated").inc()
+    audit_log.warning(
+        "audit",
+        outcome="unauthenticated",
+        http_status=401,
+        error_code=exc.code,
+        reason=exc.reason,
+        route=route_label(request),
+        client_ip=client_ip(request),
+    )
 
 
 def _check_scope(principal: Principal, scope: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from service.db.clients import ClientRow
 from service.db.pool import Database
 
 _RESOLVE_SELECT = """
@@ -38,6 +39,8 @@ SELECT
     pl.stripe_price_id AS plan_price_id, pl.active AS plan_active,
     pl.self_serve AS plan_self_serve,
     o.kind AS offer_kind, o.stripe_id AS offer_stripe_id, o.self_serve AS offer_self_serve,
+    client.id AS client_id, client.name AS client_name, client.scopes AS client_scopes,
+    client.rate_limit_per_minute AS client_rate_limit,
     CASE WHEN $5 THEN (
         SELECT json_agg(json_build_object(
             'id', s.stripe_subscription_id, 'ref', s.external_ref, 'status', s.status,
@@ -58,6 +61,7 @@ LEFT JOIN LATERAL (
 LEFT JOIN portal_profiles prof ON prof.name = picked.name
 LEFT JOIN plans pl ON pl.plan = $3
 LEFT JOIN offers o ON o.name = $4
+LEFT JOIN api_clients client ON client.token_hash = $6::bytea AND client.revoked_at IS NULL
 """
 
 # Formatted once at import from constants: no caller input reaches the SQL text.
@@ -69,14 +73,17 @@ RESOLVE = _RESOLVE_SELECT.format(idempotency_columns="")
 RESOLVE_WITH_IDEMPOTENCY = """
 WITH claim AS (
     INSERT INTO idempotency_keys AS k (principal, key, request_hash, upstream_key, expires_at)
-    VALUES ($6, $7, $8, $9, now() + make_interval(secs => $10))
+    SELECT $7::text, $8::text, $9::bytea, $10::text, now() + make_interval(secs => $11::float8)
+    -- A client token confirmed here must still be active: a revoked one claims nothing.
+    WHERE $6::bytea IS NULL
+        OR EXISTS (SELECT 1 FROM api_clients WHERE token_hash = $6 AND revoked_at IS NULL)
     ON CONFLICT (principal, key) DO UPDATE
         SET request_hash = EXCLUDED.request_hash, upstream_key = EXCLUDED.upstream_key,
             created_at = now(), expires_at = EXCLUDED.expires_at
         WHERE k.expires_at <= now()
     RETURNING request_hash, upstream_key
 ), existing AS (
-    SELECT request_hash, upstream_key FROM idempotency_keys WHERE principal = $6 AND key = $7
+    SELECT request_hash, upstream_key FROM idempotency_keys WHERE principal = $7 AND key = $8
 )
 """ + _RESOLVE_SELECT.format(
     idempotency_columns=""",
@@ -105,9 +112,16 @@ async def resolve(
     offer: str | None,
     with_subscriptions: bool,
     claim: IdempotencyClaim | None,
+    token_hash: bytes | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to build the Stripe call for one user, as one row."""
-    args: list[Any] = [user_id, portal, plan, offer, with_subscriptions]
+    """Everything needed to build the Stripe call for one user, as one row.
+
+    With ``token_hash`` (a client token served from the authenticator's cache),
+    the row also has that token's client if it is still active (``client_id``,
+    ``client_name``, ``client_scopes``, ``client_rate_limit``; NULL once revoked):
+    revocation is seen by the very next request, in the same round trip.
+    """
+    args: list[Any] = [user_id, portal, plan, offer, with_subscriptions, token_hash]
     if claim is None:
         row = await db.fetchrow("resolve", RESOLVE, *args)
     else:
@@ -119,12 +133,22 @@ async def resolve(
             float(claim.ttl_seconds),
         ]
         row = await db.fetchrow("resolve_idempotent", RESOLVE_WITH_IDEMPOTENCY, *args)
-        if row is not None and row["idem_request_hash"] is None:
+        revoked = token_hash is not None and row is not None and row["client_id"] is None
+        if row is not None and row["idem_request_hash"] is None and not revoked:
             # A concurrent request claimed the key after our snapshot was taken;
             # a second statement sees its row.
             row = await db.fetchrow("resolve_idempotent", RESOLVE_WITH_IDEMPOTENCY, *args)
     assert row is not None  # the query always yields exactly one row
     return dict(row)
+
+
+def client_of(row: dict[str, Any]) -> ClientRow | None:
+    """The client RESOLVE read for its ``token_hash``; None if the token is revoked."""
+    if row["client_id"] is None:
+        return None
+    return ClientRow(
+        row["client_id"], row["client_name"], tuple(row["client_scopes"]), row["client_rate_limit"]
+    )
 
 
 PURGE_IDEMPOTENCY = "DELETE FROM idempotency_keys WHERE expires_at < now() - interval '1 hour'"

@@ -113,6 +113,7 @@ def _with_html(responses: dict[int, dict[str, object]]) -> dict[int, dict[str, o
     action=ACTION_PORTAL_LINK_CREATE,
     body=PortalSessionRequestSchema,
     idempotent=True,
+    confirms_token=True,
 )
 async def create_portal_link(call: Call) -> web.Response:
     """Decide and store the request; answer 201 with the link and its expiry."""

@@ -48,6 +48,7 @@ NOTES = {429: " (with `Retry-After`)", 503: " (with `Retry-After`)"}
     action=ACTION_CREATE_SESSION,
     body=PortalSessionRequestSchema,
     idempotent=True,
+    confirms_token=True,
 )
 async def create_portal_session(call: Call) -> web.Response:
     """Resolve → call Stripe (the use case), then answer 201 with the portal URL."""
