@@ -36,6 +36,14 @@ chromium:
 test: venv chromium
 	PG_ADMIN_URL="$$(scripts/postgres.sh url)" $(BIN)/pytest -n 2
 
+# deploy/Dockerfile built with podman and run for real (tests/test_image.py,
+# also part of `make test`): scripts/image.sh installs podman, runc and
+# debootstrap with apt when missing and caches the base it makes (README
+# "Deploying"). Prints how long each step took and the image's size.
+.PHONY: image-smoke
+image-smoke: venv
+	PG_ADMIN_URL="$$(scripts/postgres.sh url)" $(BIN)/pytest tests/test_image.py -rP
+
 # The Grafana dashboard and alert rules against a real Prometheus (installed
 # with apt when missing); also part of `make test`.
 check-dashboards: venv

@@ -1,4 +1,4 @@
-"""SPEC §8 deploy artefacts, checked offline (no container engine runs here).
+"""SPEC §8 deploy artefacts, checked offline (tests/test_image.py runs the image).
 
 * ``deploy/k8s``: every manifest against the Kubernetes schemas
   (kubernetes-validate, strict), and the invariants that make it safe to run:
@@ -858,9 +858,15 @@ def test_compose_prometheus_config_passes_promtool(tools: Tools, tmp_path: Path)
 
 @dataclass
 class Stage:
-    base: str
+    base: str  # the image it starts from, build arguments at their defaults
     name: str | None
     instructions: list[tuple[str, str]] = field(default_factory=list)
+    written: str = ""  # the FROM line's image as written (e.g. ${BASE})
+
+
+def _with_arguments(text: str, arguments: dict[str, str]) -> str:
+    """``$NAME`` and ``${NAME}`` replaced by the build arguments' defaults."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: arguments[m.group(1) or m.group(2)], text)
 
 
 def _stages() -> list[Stage]:
@@ -880,6 +886,7 @@ def _stages() -> list[Stage]:
         pending = ""
     assert not pending, "a trailing line continuation"
     stages: list[Stage] = []
+    arguments: dict[str, str] = {}  # the ARGs before the first FROM, for the FROM lines
     for line in logical:
         keyword, _, rest = line.partition(" ")
         keyword = keyword.upper()
@@ -888,9 +895,14 @@ def _stages() -> list[Stage]:
                 r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", rest.strip(), re.I
             )
             assert match, line
-            stages.append(Stage(match.group(1), match.group(2)))
+            base = _with_arguments(match.group(1), arguments)
+            stages.append(Stage(base, match.group(2), written=match.group(1)))
+        elif not stages:
+            assert keyword == "ARG", f"{keyword} before FROM"
+            name, _, default = rest.strip().partition("=")
+            assert default, f"ARG {name} before FROM without a default"
+            arguments[name] = default
         else:
-            assert stages, f"{keyword} before FROM"
             stages[-1].instructions.append((keyword, rest.strip()))
     return stages
 
@@ -939,6 +951,14 @@ def test_dockerfile_is_multi_stage_with_a_slim_python_final_stage() -> None:
     froms = [source for source, _, _ in _copies(final)]
     assert froms
     assert all(source in builders for source in froms), froms
+
+
+def test_dockerfile_stages_share_one_base_argument_defaulting_to_the_official_image() -> None:
+    # `make image-smoke` builds with podman from a base made locally (no registry
+    # here): --build-arg BASE=... A build without it takes the official image.
+    stages = _stages()
+    assert {s.written for s in stages} == {"${BASE}"}
+    assert {s.base for s in stages} == {"python:3.11-slim-bookworm"}
 
 
 _BUILD_TOOLS = re.compile(
