@@ -171,7 +171,8 @@ async def test_revoked_token_is_refused_on_the_very_next_request(
     assert revoked.stdout == ""
     assert revoked.stderr == ""
 
-    # No grace period, no cache: the very next request is refused, like a bad token.
+    # No grace period: the very next request is refused, like a bad token (the token
+    # came from the cache; the resolving statement itself found it revoked).
     refused = await problem(
         await post_session(service, {"user_id": "u_42"}, token), 401, "unauthenticated"
     )
