@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,11 @@ def bearer_token(header: str | None) -> str:
 
 # Client tokens remembered per replica; past this many the cache starts over.
 MAX_CACHED_CLIENTS = 10_000
+# A verified JWT is trusted again without verifying its signature for at most this
+# long (and never past its `exp` plus the leeway): a key withdrawn from the JWKS
+# stops working within it. The same bound on how many are kept.
+JWT_CACHE_SECONDS = 60.0
+MAX_CACHED_JWTS = 10_000
 
 
 class Authenticator:
@@ -121,6 +127,10 @@ class Authenticator:
         self._db = db
         self._jwt_keys = jwt_keys
         self._clients: dict[bytes, clients.ClientRow] = {}
+        # token -> (principal, trusted until, by ``clock``)
+        self._jwts: dict[str, tuple[Principal, float]] = {}
+        # The JWT cache's clock: wall time, as it is compared with `exp`.
+        self.clock: Callable[[], float] = time.time
 
     async def authenticate(
         self, authorization: str | None, *, deferred: str | None = None
@@ -166,6 +176,22 @@ class Authenticator:
         self._clients[token_hash] = row
 
     async def _end_user(self, token: str) -> Principal:
+        cached = self._jwts.get(token)
+        if cached is not None:
+            if time.time() < cached[1]:
+                return cached[0]
+            del self._jwts[token]
+        principal, exp = await self._verify(token)
+        if len(self._jwts) >= MAX_CACHED_JWTS:
+            self._jwts.clear()
+        self._jwts[token] = (
+            principal,
+            min(time.time() + JWT_CACHE_SECONDS, exp + JWT_LEEWAY_SECONDS),
+        )
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
+        """The principal of a JWT whose signature and claims hold, and its ``exp``."""
         if self._jwt_keys is None:
             raise Unauthenticated("jwt_disabled")
         s = self._settings
@@ -201,9 +227,16 @@ class Authenticator:
             raise Unauthenticated("jwt_invalid")
         if _lifetime(claims) > s.jwt_max_lifetime_seconds:
             raise Unauthenticated("jwt_lifetime")
-        return Principal(
+        principal = Principal(
             "user", sub, frozenset({SCOPE_CREATE_SESSIONS}), s.end_user_rate_limit_per_minute
         )
+        return principal, float(claims["exp"])
+
+
+def trusted_until(now: float, exp: float) -> float:
+    """Until when a JWT verified at ``now`` is trusted again without verifying it:
+    JWT_CACHE_SECONDS, and never past its ``exp`` plus the leeway PyJWT gives."""
+    return min(now + JWT_CACHE_SECONDS, exp + JWT_LEEWAY_SECONDS)
 
 
 def _client_principal(row: clients.ClientRow, pending: PendingToken | None) -> Principal:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from service import keys
+from service.auth import JWT_CACHE_SECONDS, JWT_LEEWAY_SECONDS, trusted_until
 from tests.conftest import Standin
 from tests.helpers import created, post_session, problem
 
@@ -327,3 +328,26 @@ async def test_jwt_required_typ_must_match_the_header(
 async def test_typ_is_not_checked_unless_required(jwt_service: Any) -> None:
     for typ in ("JWT", None, "at+jwt"):
         await created(await post_session(jwt_service, {}, _typed(typ)))
+
+
+async def test_a_cached_jwt_is_the_exact_token_verified(jwt_service: Any) -> None:
+    """Verified tokens are remembered for a while (auth.JWT_CACHE_SECONDS), keyed by
+    the whole token: any other bytes, a forged signature included, are verified."""
+    token = token_for()
+    await created(await post_session(jwt_service, {}, token))
+    header, payload, signature = token.split(".")
+    forged_payload = _b64(json.dumps(_claims(sub="u_7")).encode())
+    for forged in (
+        f"{header}.{forged_payload}.{signature}",
+        f"{header}.{payload}.{signature[:-2]}AA",
+        token + "x",
+    ):
+        await problem(await post_session(jwt_service, {}, forged), 401, "unauthenticated")
+    await created(await post_session(jwt_service, {}, token))
+
+
+def test_a_verified_jwt_is_trusted_for_a_minute_at_most_and_never_past_exp() -> None:
+    now = 1_800_000_000.0
+    assert trusted_until(now, now + 3600) == now + JWT_CACHE_SECONDS
+    assert trusted_until(now, now + 5) == now + 5 + JWT_LEEWAY_SECONDS
+    assert trusted_until(now, now - JWT_LEEWAY_SECONDS) == now  # already gone: not kept
