@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.stripe import retry
 from service.stripe.attempt import Attempt, classify, kept_headers
 from service.stripe.breaker import CircuitBreaker
-from service.stripe.encode import encode_form
+from service.stripe.encode import FORM_CONTENT_TYPE, encode_form, form_body
 from service.stripe.errors import Failed, final_error
 from service.version import USER_AGENT
 
@@ -416,6 +416,11 @@ class StripeClient:
         if call.stripe_account is not None:
             headers["Stripe-Account"] = call.stripe_account
         form = encode_form(call.params)
+        body: bytes | None = None
+        if call.method != "GET":
+            # Encoded once for every attempt; a GET carries the pairs in its query.
+            body = form_body(form)
+            headers["Content-Type"] = FORM_CONTENT_TYPE
         url = self._settings.stripe_api_base + call.path
         loop = asyncio.get_running_loop()
         max_attempts = 1 + self._settings.stripe_max_retries
@@ -433,7 +438,7 @@ class StripeClient:
             last = await self._exchange(
                 call.method,
                 url,
-                form,
+                form if body is None else body,
                 headers,
                 min(remaining, self._settings.stripe_timeout_seconds),
             )
@@ -474,7 +479,7 @@ class StripeClient:
         self,
         method: str,
         url: str,
-        form: list[tuple[str, str]],
+        payload: list[tuple[str, str]] | bytes,
         headers: dict[str, str],
         attempt_timeout: float,
     ) -> Attempt:
@@ -486,8 +491,8 @@ class StripeClient:
             total=attempt_timeout,
             sock_connect=min(attempt_timeout, self._settings.stripe_connect_timeout_seconds),
         )
-        # A GET carries its params in the query string, a POST in the form body.
-        query, data = (form, None) if method == "GET" else (None, form)
+        # A GET carries its params in the query string, a POST its encoded form body.
+        query, data = (None, payload) if isinstance(payload, bytes) else (payload, None)
         try:
             async with self._session.request(
                 method,
