@@ -422,7 +422,9 @@ class Settings:
     redis_timeout_seconds: float = setting(
         "REDIS_TIMEOUT_SECONDS",
         _float_in(0.01, 5),
-        0.15,
+        # Not the request deadline: a hung Redis costs a request this, then the
+        # replica decides alone. Wide enough for a busy event loop's lag.
+        0.25,
         "bound on one Redis call, connecting included; past it the replica uses its own limits",
     )
     return_url_allowlist: tuple[str, ...] = setting(

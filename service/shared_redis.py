@@ -21,6 +21,7 @@ is never logged: only the kind of error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -144,6 +145,7 @@ class SharedRedis:
                 result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
+            await self._drop_idle_connections()
             return None
         if not self._up:
             self._up = True
@@ -172,6 +174,15 @@ class SharedRedis:
                 fallback="per-replica limits",
             )
             self._alone_since_log = 0
+
+    async def _drop_idle_connections(self) -> None:
+        """Close the pool's idle connections: after an outage they are dead, and the
+        first call on each would fail and mark a recovered Redis down again."""
+        if self._client is None:
+            return
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                await self._client.connection_pool.disconnect(inuse_connections=False)
 
     def _decided_alone(self) -> None:
         self._alone_since_log += 1
