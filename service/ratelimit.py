@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from service.metrics import Metrics
 from service.shared_redis import KEY_PREFIX, SharedRedis
@@ -166,6 +167,8 @@ class SharedRateLimiter:
         self._script = redis.script(_BUCKET_SCRIPT)
         # The fallback, and the only limiter without REDIS_URL.
         self.local = local or RateLimiter()
+        # (backend, result) -> its counter: labels() costs a lock and a key per call.
+        self._counted: dict[tuple[str, str], Any] = {}
 
     async def acquire(self, key: str, per_minute: int) -> Verdict:
         """Take one token of ``key``'s bucket (``per_minute`` allowance): a :class:`Verdict`.
@@ -184,6 +187,10 @@ class SharedRateLimiter:
             verdict = Verdict(wait, wait > 0 and self.local.first_refusal_of_window(key))
             backend = "local"
         if self._metrics is not None:
-            result = "refused" if verdict.wait > 0 else "allowed"
-            self._metrics.rate_limit_decisions.labels(backend=backend, result=result).inc()
+            labels = (backend, "refused" if verdict.wait > 0 else "allowed")
+            counter = self._counted.get(labels)
+            if counter is None:
+                counter = self._metrics.rate_limit_decisions.labels(*labels)
+                self._counted[labels] = counter
+            counter.inc()
         return verdict

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service import shared_redis
+from service import keys, shared_redis
 from service.config import Settings
 from service.errors import ServiceUnavailable
 from service.logs import tee
@@ -26,6 +27,7 @@ from service.metrics import Metrics
 from service.ratelimit import REFUSAL_ROW_WINDOW_SECONDS, SharedRateLimiter
 from service.shared_redis import REPROBE_SECONDS, SharedRedis
 from service.upstream_budget import HOLD_SECONDS, MIN_ATTEMPT_SECONDS, LocalLog, UpstreamBudget
+from tests.helpers import created, post_session
 from tests.redis_server import RedisServer
 
 KEY = "sk_test_sharedlimits0123456789"
@@ -374,3 +376,27 @@ async def test_a_background_call_waits_its_turn_then_goes(
     with pytest.raises(ServiceUnavailable):
         await budget.wait(loop.time() + 0.5, background=True)
     assert loop.time() - started < 0.5
+
+
+# --------------------------------------------------------------------------- the service
+
+
+@pytest.mark.usefixtures("world")
+async def test_the_service_starts_and_serves_with_redis_down(make_service: Any, token: str) -> None:
+    """Optional by design: a REDIS_URL that does not answer costs neither start-up,
+    readiness nor a request; the gauge says it."""
+    service = await make_service(REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0")
+    assert (await service.get("/readyz")).status == 200
+    await created(await post_session(service, {"user_id": "u_42"}, token))
+    metrics = service.server.app[keys.METRICS]
+    assert _value(metrics, "portal_gateway_redis_up") == 0
+    assert _value(metrics, "portal_gateway_redis_errors_total", reason="connection") >= 1
+    decisions = "portal_gateway_rate_limit_decisions_total"
+    assert _value(metrics, decisions, backend="local", result="allowed") == 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # closed again: nothing listens there
