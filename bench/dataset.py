@@ -61,7 +61,8 @@ async def load(conn: asyncpg.Connection, users: int) -> Credentials:
         " VALUES ($1, $2, $3, true)",
         *PROFILE,
     )
-    # Self-serve (SPEC §5): the pool's end users ask for these plans and offers too.
+    # Self-serve, since half the pool are end users asking for plans and offers
+    # (SPEC §5: for an end user anything else is an unknown name, a 404).
     await conn.executemany(
         "INSERT INTO plans (plan, stripe_price_id, active, self_serve) VALUES ($1, $2, $3, true)",
         [(plan, price, active) for plan, (price, active) in PLANS.items()],

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import redis.asyncio
 
 import dataset
 import scheme
@@ -234,6 +236,24 @@ async def wait_http(proc: Proc, url: str, timeout: float) -> None:
             await asyncio.sleep(0.2)
 
 
+async def wait_redis(proc: Proc, port: int, timeout: float) -> None:
+    """Until redis-server answers PING; fail early if it died."""
+    deadline = time.monotonic() + timeout
+    client = redis.asyncio.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        while True:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
+            with contextlib.suppress(redis.RedisError, OSError):
+                if await client.ping():
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} did not answer PING in {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+
+
 def standin_cmd(port: int, latency_ms: float) -> list[str]:
     return [PYTHON, "-m", "stripe_standin", "--port", str(port), "--latency-ms", str(latency_ms)]
 
@@ -263,6 +283,25 @@ def service_env(data: Data, port: int, standin_port: int) -> dict[str, str]:
         "DB_TIMEOUT_SECONDS": "5",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
+    }
+
+
+def redis_cmd(port: int) -> list[str] | None:
+    """A throwaway redis-server for the Redis phase (SPEC §14): nothing on disk.
+    None when redis-server is not installed (the phase is then left out)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+
+def redis_env(redis_port: int) -> dict[str, str]:
+    """The service with REDIS_URL: rate limits in Redis, and the Stripe budget on
+    (through Redis too) but far above any rate here, so it costs its round trip
+    and never throttles."""
+    return {
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "STRIPE_MAX_REQUESTS_PER_SECOND": "10000",
     }
 
 

@@ -122,6 +122,7 @@ class Clock:
     user_us: float
     sys_us: float
     standin_us: float
+    redis_us: float  # the Redis phase's redis-server (0 without one)
     machine_us: tuple[float, float, float]  # busy, total, steal
     loadgen_us: float  # our finished children: the load generators
     wall: float
@@ -134,6 +135,7 @@ def read_clock(stack: Stack, target: Target) -> Clock:
         user,
         sys_,
         procstat.cpu_us(stack.standin.pid) or 0.0,
+        (procstat.cpu_us(stack.redis.pid) or 0.0) if stack.redis is not None else 0.0,
         procstat.machine_busy_us(),
         (children.ru_utime + children.ru_stime) * 1e6,
         time.perf_counter(),
@@ -160,6 +162,9 @@ def _service_figures(c0: dict[str, float], c1: dict[str, float], per: float) -> 
         f"db_{q}_per_request": (c1.get(f"db_{q}", 0) - c0.get(f"db_{q}", 0)) / per
         for q in DB_QUERIES
     }
+    # The Redis phase: decisions made in Redis, and Redis errors (fallbacks).
+    for key in ("limit_decisions_redis", "limit_decisions_local", "redis_errors"):
+        out[key] = c1.get(key, 0.0) - c0.get(key, 0.0)
     out["statuses"] = {
         k[len("status_") :]: c1[k] - c0.get(k, 0.0)
         for k in c1
@@ -183,6 +188,7 @@ def figures(
     wall_us = (k1.wall - k0.wall) * 1e6
     cpu = (k1.user_us + k1.sys_us) - (k0.user_us + k0.sys_us)
     standin = k1.standin_us - k0.standin_us
+    redis = k1.redis_us - k0.redis_us
     pg, pg_background = _pg_delta(t0.pg, t1.pg), _pg_delta(t0.pg_background, t1.pg_background)
     loadgen = k1.loadgen_us - k0.loadgen_us
     busy, total, steal = (b - a for a, b in zip(k0.machine_us, k1.machine_us, strict=True))
@@ -197,6 +203,7 @@ def figures(
         "pg_cpu_us_per_request": pg / per,
         "pg_background_cpu_us_per_request": pg_background / per,
         "standin_cpu_us_per_request": standin / per,
+        "redis_cpu_us_per_request": redis / per,
         "loadgen_cpu_us_per_request": loadgen / per,
         "peak_rss_mb": peak_kb / 1024 if peak_kb is not None else math.nan,
         "answered": answered,
@@ -207,13 +214,13 @@ def figures(
         "pg_backends": len(t1.pg),
         "pg_backends_vanished": len([pid for pid in t0.pg if pid not in t1.pg]),
         "machine_busy_cores": busy / wall_us,
-        "other_cpu_cores": max(0.0, busy - (cpu + standin + pg + pg_background + loadgen))
+        "other_cpu_cores": max(0.0, busy - (cpu + standin + redis + pg + pg_background + loadgen))
         / wall_us,
         "machine_cores_seen": total / wall_us,
         "steal_cores": steal / wall_us,
         "wall_s": wall_us / 1e6,
     }
-    if target == "service":
+    if target in ("service", "redis"):
         result.update(_service_figures(t0.counts, t1.counts, per))
     # A failure is what a caller saw: a socket error, a timeout or a non-2xx.
     # The target's own non-2xx count also holds requests the load generator

@@ -34,6 +34,7 @@ METRICS = (
     "pg_background_cpu_us_per_request",
     "standin_cpu_us_per_request",
     "peak_rss_mb",
+    "redis_cpu_us_per_request",
     "db_find_client_per_request",
     "db_resolve_per_request",
     "db_insert_audit_per_request",
@@ -118,6 +119,73 @@ def scenario_result(scenario: dict[str, Any], service: Phases, floor: Phases) ->
         "ratios": paired_ratios(service, floor),
         "phases": {"service": service, "floor": floor},
     }
+
+
+# The Redis phase (SPEC §14): what REDIS_URL adds per request, as the median of
+# the back-to-back differences (service with Redis minus service without).
+REDIS_EXTRA_METRICS = ("cpu_us_per_request", "p50_ms", "p95_ms", "p99_ms", "requests_per_s")
+
+
+def redis_result(scenario: dict[str, Any], service: Phases, redis: Phases) -> dict[str, Any]:
+    """One scenario of the Redis phase: both sides' medians and the paired extras."""
+    extra: dict[str, float] = {}
+    for metric in REDIS_EXTRA_METRICS:
+        values = [
+            r[metric] - s[metric]
+            for s, r in zip(service, redis, strict=False)
+            if metric in s and metric in r
+        ]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            extra[metric] = median(values)
+    return {
+        **scenario,
+        "service": summarise(service),
+        "redis": summarise(redis),
+        "extra": extra,
+        "decisions_in_redis": sum(p.get("limit_decisions_redis", 0.0) for p in redis),
+        "decisions_local": sum(p.get("limit_decisions_local", 0.0) for p in redis),
+        "redis_errors": sum(p.get("redis_errors", 0.0) for p in redis),
+        "phases": {"service": service, "redis": redis},
+    }
+
+
+def redis_text(results: list[dict[str, Any]], reps: int) -> list[str]:
+    """The Redis phase's tables: service, service with REDIS_URL, the extra."""
+    if not results:
+        return []
+    lines = [
+        "",
+        "Redis on (REDIS_URL: rate limits shared in Redis, the Stripe budget through it,"
+        " never throttling)",
+    ]
+    rows = (
+        Row("requests/s", "requests_per_s", 0),
+        Row("latency p50 (ms)", "p50_ms", 2),
+        Row("latency p95 (ms)", "p95_ms", 2),
+        Row("latency p99 (ms)", "p99_ms", 2),
+        Row("service CPU (µs/request)", "cpu_us_per_request", 0),
+        Row("Redis server CPU (µs/request)", "redis_cpu_us_per_request", 0),
+    )
+    for s in results:
+        lines += [
+            "",
+            f"{s['title']}  (medians of {reps}; extra: median of the back-to-back differences)",
+            f"  {'':<30}{'service':>12}{'+ Redis':>12}{'extra':>10}",
+        ]
+        for row in rows:
+            key = row.key or ""
+            extra = s["extra"].get(key)
+            shown = f"{extra:+,.{row.digits}f}" if extra is not None else ""
+            lines.append(
+                f"  {row.label:<30}{fmt(s['service'].get(key), row.digits):>12}"
+                f"{fmt(s['redis'].get(key), row.digits):>12}{shown:>10}"
+            )
+        lines.append(
+            f"  decisions in Redis: {s['decisions_in_redis']:,.0f}, decided alone:"
+            f" {s['decisions_local']:,.0f}, Redis errors: {s['redis_errors']:,.0f}"
+        )
+    return lines
 
 
 def _target(values: dict[str, Any], ok: Callable[[Any], bool]) -> dict[str, Any]:
@@ -248,6 +316,7 @@ def text(result: dict[str, Any], profile_path: Path) -> str:
     ]
     for s in result["scenarios"]:
         lines += ["", *table(s, meta["reps"])]
+    lines += redis_text(result.get("redis", []), meta["reps"])
     lines += diagnostics(result, profile_path)
     lines += targets_text(result["targets"])
     lines += ["", f"whole run: {meta['wall_seconds']:.0f} s"]

@@ -15,6 +15,12 @@ the target, of the stand-in and of the Postgres backends of the bench
 database, divided by the requests the target really answered; peak RSS
 (VmHWM, reset at the start of each phase). Medians over the repetitions go
 into one table per scenario (``report.py``) and ``bench/results/latest.json``.
+Then the Redis phase (SPEC §14): the service as above and the same service
+with ``REDIS_URL`` (target ``redis``: rate limits in Redis, the Stripe budget
+on through Redis but never throttling), back to back in ``--redis-scenarios``:
+the extra CPU and latency per request that sharing limits costs, and the
+Redis server's own CPU per request.
+
 Then, outside the measured phases and each only when asked, the diagnostics
 (``diagnostics.py``): Postgres round trips per request (strace on the
 backends), Postgres CPU per statement, and a py-spy profile of a c=50 phase
@@ -34,6 +40,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from typing import Any
@@ -112,6 +119,50 @@ async def measured_phases(
     return phases
 
 
+def _scenario_of(key: str) -> Scenario:
+    match = re.fullmatch(r"upstream([\d.]+)ms-(closed|open)-(?:c|rate)([\d.]+)", key)
+    if match is None:
+        raise SystemExit(f"--redis-scenarios: not a scenario key: {key!r}")
+    return Scenario(float(match[1]), match[2], float(match[3]))
+
+
+async def redis_phases(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The service without and with REDIS_URL, back to back (which goes first
+    alternates), in each of ``--redis-scenarios``; [] when there is no Redis."""
+    keys = [k for k in args.redis_scenarios.split(",") if k]
+    if "redis" not in stack.targets or not keys or args.reps == 0:
+        return []
+    scenarios = [_scenario_of(k) for k in keys]
+    for level in (50, 200):
+        warm = Scenario(0, "closed", level)
+        await phase(stack, stack.targets["redis"], warm, args.warmup, args.wrk, measure=False)
+    phases: Phases = {}
+    retries = args.retries
+    for rep in range(args.reps):
+        for scenario in scenarios:
+            for name in ("service", "redis") if rep % 2 == 0 else ("redis", "service"):
+                target = stack.targets[name]
+                result, retries = await quiet_phase(stack, args, target, scenario, retries)
+                phases.setdefault((scenario.key, name), []).append(result)
+                log(
+                    f"redis phase, rep {rep + 1} {scenario.key} {name}:"
+                    f" {result['requests_per_s']:.0f} req/s,"
+                    f" p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms,"
+                    f" CPU {result['cpu_us_per_request']:.0f} µs/req,"
+                    f" redis {result['redis_cpu_us_per_request']:.0f} µs/req,"
+                    f" decisions in Redis {result.get('limit_decisions_redis', 0):.0f},"
+                    f" Redis errors {result.get('redis_errors', 0):.0f}"
+                )
+    return [
+        report.redis_result(
+            {"key": s.key, "title": s.title, **dataclasses.asdict(s)},
+            phases[(s.key, "service")],
+            phases[(s.key, "redis")],
+        )
+        for s in scenarios
+    ]
+
+
 def scenario_results(scenarios: list[Scenario], phases: Phases) -> list[dict[str, Any]]:
     return [
         report.scenario_result(
@@ -168,6 +219,7 @@ async def main_async(args: argparse.Namespace) -> int:
         extra: dict[str, Any] = {"parity": await parity_check(stack)}
         log("parity: the floor sends Stripe the same params as the service")
         phases = await measured_phases(stack, args, scenarios)
+        extra["redis"] = await redis_phases(stack, args)
         extra.update(await diagnostics.run(stack, args))
         extra["peak_rss_since_start_mb"] = {
             name: t.peak_rss_since_start_kb / 1024 for name, t in stack.targets.items()
@@ -223,6 +275,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="retry a phase when other processes took more cores than this",
     )
     parser.add_argument("--retries", type=int, default=4, help="repeats allowed per run")
+    parser.add_argument(
+        "--redis-scenarios",
+        default="upstream0ms-closed-c50,upstream50ms-open-rate200",
+        help="scenarios of the Redis phase, service vs service with REDIS_URL ('': none)",
+    )
     diag = parser.add_argument_group("diagnostics (after the measured phases; all on by default)")
     diag.add_argument("--no-round-trips", dest="round_trips", action="store_false")
     diag.add_argument("--strace", default="strace")

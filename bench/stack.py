@@ -1,7 +1,9 @@
 """The processes of a ``make bench`` run, and what the run asks of them.
 
 The Stripe stand-in, the service (``portal-gateway serve``) and the floor
-(``floor.py``), each started by ``harness`` on a free port; one monitoring
+(``floor.py``), each started by ``harness`` on a free port; for the Redis
+phase (SPEC §14) a throwaway ``redis-server`` and a second service, target
+``redis``, configured with ``REDIS_URL`` (when redis-server is installed); one monitoring
 connection to Postgres, to another database than the bench one, that finds
 the bench database's backends; and the check that the floor sends Stripe the
 same thing as the service.
@@ -32,7 +34,14 @@ def service_counts(metrics: str) -> dict[str, float]:
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
             labels = sample.labels
-            if sample.name == "portal_gateway_http_requests_total" and labels.get("route") == ROUTE:
+            if sample.name == "portal_gateway_rate_limit_decisions_total":
+                key = f"limit_decisions_{labels.get('backend')}"
+                out[key] = out.get(key, 0.0) + sample.value
+            elif sample.name == "portal_gateway_redis_errors_total":
+                out["redis_errors"] = out.get("redis_errors", 0.0) + sample.value
+            elif (
+                sample.name == "portal_gateway_http_requests_total" and labels.get("route") == ROUTE
+            ):
                 out["answered"] += sample.value
                 if not labels.get("status", "").startswith("2"):
                     out["failed"] += sample.value
@@ -44,7 +53,7 @@ def service_counts(metrics: str) -> dict[str, float]:
 
 @dataclass
 class Target:
-    name: str  # "service" or "floor"
+    name: str  # "service", "floor", or "redis" (the service with REDIS_URL)
     proc: harness.Proc
     url: str
     peak_rss_since_start_kb: int = 0
@@ -71,6 +80,8 @@ class Stack:
     session: aiohttp.ClientSession
     monitor: asyncpg.Connection
     unreadable_pg: set[int] = field(default_factory=set)
+    # The Redis phase's server (None: redis-server is not installed).
+    redis: harness.Proc | None = None
 
     async def reset_standin(self, latency_ms: float) -> None:
         """Forget recorded requests and stored idempotent answers (they grow
@@ -131,13 +142,18 @@ async def running(data: harness.Data, database: str) -> AsyncIterator[Stack]:
             "service": Target("service", service, f"http://127.0.0.1:{service_port}"),
             "floor": Target("floor", floor, f"http://127.0.0.1:{floor_port}"),
         }
+        redis = await _start_redis_target(data, standin_port, targets, procs)
         await harness.wait_http(service, targets["service"].url + "/readyz", 60)
         await harness.wait_http(floor, targets["floor"].url + "/healthz", 60)
+        if "redis" in targets:
+            await harness.wait_http(targets["redis"].proc, targets["redis"].url + "/readyz", 60)
         monitor_url = harness.with_database(harness.server_url(), "postgres")
         async with aiohttp.ClientSession() as session:
             monitor = await asyncpg.connect(monitor_url, timeout=10)
             try:
-                yield Stack(data, database, standin, standin_url, targets, session, monitor)
+                yield Stack(
+                    data, database, standin, standin_url, targets, session, monitor, redis=redis
+                )
             finally:
                 await monitor.close()
     finally:
@@ -147,13 +163,34 @@ async def running(data: harness.Data, database: str) -> AsyncIterator[Stack]:
                 log(f"{proc.name} exited with {code}; log: {proc.log_path}")
 
 
+async def _start_redis_target(
+    data: harness.Data, standin_port: int, targets: dict[str, Target], procs: list[harness.Proc]
+) -> harness.Proc | None:
+    """redis-server and the service configured with it (target ``redis``), or None."""
+    redis_port = harness.free_port()
+    cmd = harness.redis_cmd(redis_port)
+    if cmd is None:
+        log("redis-server is not installed: no Redis phase")
+        return None
+    redis = harness.start("redis", cmd)
+    procs.append(redis)
+    await harness.wait_redis(redis, redis_port, 30)
+    port = harness.free_port()
+    env = {**harness.service_env(data, port, standin_port), **harness.redis_env(redis_port)}
+    service = harness.start("service-redis", harness.service_cmd(), env)
+    procs.append(service)
+    targets["redis"] = Target("redis", service, f"http://127.0.0.1:{port}")
+    return redis
+
+
 async def parity_check(stack: Stack, samples: int = 60) -> dict[str, Any]:
     """Send the same requests to both: Stripe must receive the same form
     params (in any order) and the same set of headers."""
     pool = dataset.read_requests(stack.data.requests_path)[:samples]
     params: dict[str, list[list[list[str]]]] = {}
     headers: dict[str, set[str]] = {}
-    for name, target in stack.targets.items():
+    for name in ("service", "floor"):
+        target = stack.targets[name]
         await stack.reset_standin(0)
         for token, body in pool:
             status, text = await stack.post(target, token, body)

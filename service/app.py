@@ -35,9 +35,11 @@ from service.middlewares import (
 )
 from service.migrations import head_revision
 from service.portal import PortalDeps
-from service.ratelimit import RateLimiter
+from service.ratelimit import SharedRateLimiter
 from service.readiness import Readiness
+from service.shared_redis import SharedRedis
 from service.stripe import StripeClient
+from service.upstream_budget import UpstreamBudget
 from service.version import VERSION
 
 # Webhook payloads can be larger than API bodies; API routes enforce 16 KiB themselves.
@@ -67,8 +69,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.LIFECYCLE] = lifecycle
     app[keys.READINESS] = Readiness(lifecycle, app[keys.METRICS])
     app[keys.PROFILE_DRIFT] = DriftGauge(app[keys.METRICS])
-    app[keys.RATE_LIMITER] = RateLimiter()
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_shared_limits)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_backfills)
     app.cleanup_ctx.append(_housekeeping)
@@ -167,6 +169,25 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         await db.close()
 
 
+async def _shared_limits(app: web.Application) -> AsyncIterator[None]:
+    """Rate limits and the Stripe budget, shared through Redis when REDIS_URL is set.
+
+    Redis is optional (SPEC §14): one that does not answer at start is logged and
+    the gauge reads 0, and the service starts anyway, deciding alone until it
+    answers; readiness never depends on it.
+    """
+    settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
+    redis = SharedRedis.from_settings(settings, metrics)
+    try:
+        await redis.probe()
+        app[keys.SHARED_REDIS] = redis
+        app[keys.RATE_LIMITER] = SharedRateLimiter(redis, metrics)
+        app[keys.UPSTREAM_BUDGET] = UpstreamBudget.from_settings(settings, redis, metrics)
+        yield
+    finally:
+        await redis.close()
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     session = StripeClient.new_session(settings)
@@ -175,7 +196,10 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
             jwt_keys = JwtKeys(settings, session) if settings.jwt_enabled else None
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise StartupError(f"JWT_PUBLIC_KEY_FILE: not a usable public key ({exc})") from None
-        stripe = StripeClient(session, settings, app[keys.METRICS])
+        budget = app[keys.UPSTREAM_BUDGET]
+        stripe = StripeClient(
+            session, settings, app[keys.METRICS], pace=budget.wait if budget else None
+        )
         app[keys.STRIPE] = stripe
         app[keys.AUTHENTICATOR] = Authenticator(settings, app[keys.DB], jwt_keys)
         app[keys.PORTAL] = PortalDeps(settings, app[keys.DB], stripe, app[keys.METRICS])
@@ -193,7 +217,8 @@ BACKFILL_GRACE_SECONDS = 5.0
 
 async def _backfills(app: web.Application) -> AsyncIterator[None]:
     """The background backfiller; drained before the Stripe session and the pool close."""
-    backfiller = Backfiller(app[keys.DB], app[keys.STRIPE], app[keys.METRICS])
+    # Backfills yield to portal sessions in the upstream budget.
+    backfiller = Backfiller(app[keys.DB], app[keys.STRIPE].for_background(), app[keys.METRICS])
     app[keys.BACKFILLER] = backfiller
     try:
         yield

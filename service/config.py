@@ -30,6 +30,10 @@ ALLOWED_JWT_ALGORITHMS = frozenset(
     {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384"}
 )
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# SPEC §14: the upstream budget's defaults on Stripe's own API.
+STRIPE_API_HOST = "api.stripe.com"
+DEFAULT_LIVE_BUDGET = 80
+DEFAULT_TEST_BUDGET = 20
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
@@ -237,6 +241,30 @@ def _stripe_key(raw: str) -> Secret:
     return Secret(raw)
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(raw: str) -> Secret:
+    # redis-py would take a bad URL only at the first call, and fall back quietly
+    # forever; said here, it is a configuration error. It may hold a password:
+    # the messages never repeat it.
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError("must be a redis://host:port/db URL") from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("must name the socket: unix:///path/to/redis.sock")
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError("must name a host: redis://host:port/db")
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError("must name a database by number: redis://host:port/0")
+    return Secret(raw)
+
+
 def _hs256_secret(raw: str) -> Secret:
     if len(raw) < 32:
         raise ValueError("must be at least 32 characters")
@@ -397,6 +425,30 @@ class Settings:
         10.0,
         "cap on Stripe calls per second of `sync --from-stripe`",
     )
+    stripe_max_requests_per_second: int | None = setting(
+        "STRIPE_MAX_REQUESTS_PER_SECOND",
+        _int_in(0, 10_000),
+        None,
+        "Stripe calls per second for the whole fleet, every caller included (`0`: off);"
+        " unset: 80 with a live key and 20 with a test key on `https://api.stripe.com`,"
+        " off for any other `STRIPE_API_BASE`. Shared with `REDIS_URL`, else per replica",
+    )
+    redis_url: Secret | None = setting(
+        "REDIS_URL",
+        _redis_url,
+        None,
+        "Redis the replicas share rate limits and the Stripe budget through"
+        " (`redis://host:6379/0`, `rediss://…`, `unix://…`); unset: each replica alone",
+        secret=True,
+    )
+    redis_timeout_seconds: float = setting(
+        "REDIS_TIMEOUT_SECONDS",
+        _float_in(0.01, 5),
+        # Not the request deadline: a hung Redis costs a request this, then the
+        # replica decides alone. Wide enough for a busy event loop's lag.
+        0.25,
+        "bound on one Redis call, connecting included; past it the replica uses its own limits",
+    )
     return_url_allowlist: tuple[str, ...] = setting(
         "RETURN_URL_ALLOWLIST",
         parse_return_url_allowlist,
@@ -460,7 +512,7 @@ class Settings:
         "END_USER_RATE_LIMIT_PER_MINUTE",
         _int_in(1, 1_000_000),
         60,
-        "requests per end user and minute (per replica)",
+        "requests per end user and minute (shared by the replicas with `REDIS_URL`)",
     )
     idempotency_ttl_seconds: int = setting(
         "IDEMPOTENCY_TTL_SECONDS",
@@ -485,7 +537,8 @@ class Settings:
         "PORTAL_LINK_OPENS_PER_MINUTE",
         _int_in(1, 1_000_000),
         60,
-        "views and clicks of portal links allowed per client IP per minute (per replica)",
+        "views and clicks of portal links allowed per client IP per minute"
+        " (fleet-wide with `REDIS_URL`, else per replica)",
     )
     cors_allowed_origins: tuple[str, ...] = setting(
         "CORS_ALLOWED_ORIGINS",
@@ -552,6 +605,21 @@ class Settings:
         """Whether the Stripe key is a live-mode key."""
         key = self.stripe_api_key.reveal() if self.stripe_api_key else ""
         return key.startswith(("sk_live_", "rk_live_"))
+
+    @property
+    def upstream_budget_per_second(self) -> int:
+        """Stripe calls per second for the fleet (SPEC §14); 0 when the budget is off.
+
+        Unset, it follows Stripe's documented account limits (100 live, 25 in
+        test mode) with a fifth left over, and only on Stripe's own API: a
+        stand-in or stripe-mock has no such limit.
+        """
+        if self.stripe_max_requests_per_second is not None:
+            return self.stripe_max_requests_per_second
+        parts = urlsplit(self.stripe_api_base)
+        if parts.scheme != "https" or parts.hostname != STRIPE_API_HOST:
+            return 0
+        return DEFAULT_LIVE_BUDGET if self.livemode else DEFAULT_TEST_BUDGET
 
     @property
     def jwt_enabled(self) -> bool:

@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from service import http_server, logs, migrations, profiles
+from service import http_server, logs, migrations, profiles, upstream_budget
 from service.app import create_app
 from service.auth import (
     SCOPE_CREATE_SESSIONS,
@@ -160,9 +160,10 @@ async def _apply_profiles(settings: Settings) -> str | None:
     session = StripeClient.new_session(settings)
     try:
         specs = await load_profiles(PROFILES_FILE, db, settings)
-        applied = await profiles.apply(
-            db, StripeClient(session, settings, None), specs, prune=False
-        )
+        async with upstream_budget.for_tool(settings) as budget:
+            pace = budget.wait if budget is not None else None
+            stripe = StripeClient(session, settings, None, pace=pace, background=True)
+            applied = await profiles.apply(db, stripe, specs, prune=False)
     except (ProfilesFileError, profiles.ProfilesFailed) as exc:
         log.warning("demo_profiles_not_applied", file=str(PROFILES_FILE), error=str(exc))
         return None

@@ -196,11 +196,14 @@ class RateLimited(ServiceError):
     status = 429
     default_code = "rate_limited"
 
-    def __init__(self, retry_after: int) -> None:
+    def __init__(self, retry_after: int, *, first_of_window: bool = True) -> None:
         super().__init__(
             detail="Too many requests; retry later.",
             headers={"Retry-After": str(max(1, retry_after))},
         )
+        # Whether this refusal opens its principal's window, the one with an audit
+        # row (SPEC §6; service/ratelimit.py decides).
+        self.first_of_window = first_of_window
 
 
 class ClientClosedRequest(ServiceError):

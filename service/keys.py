@@ -16,16 +16,21 @@ if TYPE_CHECKING:
     from service.mapping_api import MappingApiDeps
     from service.metrics import Metrics
     from service.portal import PortalDeps
-    from service.ratelimit import RateLimiter
+    from service.ratelimit import SharedRateLimiter
     from service.readiness import Readiness
+    from service.shared_redis import SharedRedis
     from service.stripe import StripeClient
+    from service.upstream_budget import UpstreamBudget
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 DB: web.AppKey[Database] = web.AppKey("db")
 STRIPE: web.AppKey[StripeClient] = web.AppKey("stripe")
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
-RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
+RATE_LIMITER: web.AppKey[SharedRateLimiter] = web.AppKey("rate_limiter")
+# The optional Redis of SPEC §14, and the Stripe budget shared through it (None: off).
+SHARED_REDIS: web.AppKey[SharedRedis] = web.AppKey("shared_redis")
+UPSTREAM_BUDGET: web.AppKey[UpstreamBudget | None] = web.AppKey("upstream_budget")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 # portal_gateway_profile_drift, rebuilt from the database at scrape time (SPEC §12).

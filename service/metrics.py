@@ -40,6 +40,15 @@ UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 # Index lookups are sub-millisecond.
 DB_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5)
 
+# Waits for the Stripe budget: none at all, up to a second's queue, up to a deadline.
+BUDGET_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+# portal_gateway_upstream_budget_waits_total{outcome}: a slot at once, after a
+# wait, or none within the call's deadline (503 upstream_unavailable).
+BUDGET_OUTCOMES = ("immediate", "waited", "refused")
+# Where a limit was decided: in Redis for the fleet, or by this replica alone.
+LIMIT_BACKENDS = ("redis", "local")
+REDIS_ERROR_REASONS = ("timeout", "connection", "error")
+
 # A client can send any token as a method; only these become label values.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -200,7 +209,47 @@ class Metrics:
             "1 while this instance is ready (what /readyz answers); updated at every scrape.",
             registry=r,
         )
+        # SPEC §14: limits shared through Redis, and the upstream budget.
+        self.redis_up = Gauge(
+            p + "redis_up",
+            "1 while this replica shares its limits through Redis (REDIS_URL answers), "
+            "0 while it decides alone (Redis failing, or REDIS_URL unset).",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            p + "redis_errors_total",
+            "Redis calls that failed or timed out (each decided alone instead), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.rate_limit_decisions = Counter(
+            p + "rate_limit_decisions_total",
+            "Rate-limit decisions, by where they were made (redis, local) and result.",
+            ["backend", "result"],
+            registry=r,
+        )
+        self.budget_waits = Counter(
+            p + "upstream_budget_waits_total",
+            "Stripe calls admitted by the upstream budget, by outcome "
+            "(immediate, waited, refused).",
+            ["outcome"],
+            registry=r,
+        )
+        self.budget_wait = Histogram(
+            p + "upstream_budget_wait_seconds",
+            "Time a Stripe call waited for the upstream budget (admitted calls).",
+            ["backend"],
+            buckets=BUDGET_WAIT_BUCKETS,
+            registry=r,
+        )
         self.build_info.labels(version=VERSION).set(1)
+        for reason in REDIS_ERROR_REASONS:
+            self.redis_errors.labels(reason=reason)
+        for backend in LIMIT_BACKENDS:
+            for result in ("allowed", "refused"):
+                self.rate_limit_decisions.labels(backend=backend, result=result)
+        for outcome in BUDGET_OUTCOMES:
+            self.budget_waits.labels(outcome=outcome)
         self.upstream_circuit_open.set(0)
         for code in SESSION_ERROR_CODES:
             self.session_errors.labels(code=code)

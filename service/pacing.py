@@ -1,10 +1,10 @@
 """A rate cap on Stripe calls: at most N a second, evenly spaced, counted.
 
-Tools that walk through Stripe (``sync --from-stripe``) share the account's
-rate limit with the serving replicas (SPEC §14's upstream budget). This one
-caps one process; it is handed to :class:`~service.stripe.StripeClient` as its
-``pace`` hook, which awaits it before every HTTP exchange (retries included),
-so a fleet-wide cap (a Redis bucket) can replace it without touching callers.
+``sync --from-stripe`` walks through every customer at its own pace
+(STRIPE_SYNC_REQUESTS_PER_SECOND), whatever the fleet does: this caps one
+process. Its ``pace`` hook (:mod:`service.stripe_sync`) awaits this cap, then a
+place in the fleet's upstream budget (:mod:`service.upstream_budget`, SPEC §14),
+before every HTTP exchange (retries included).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from service import audit
+from service import audit, upstream_budget
 from service.audit import ACTION_PROFILES_APPLY, AuditEvent, AuditRowRefused
 from service.config import ConfigError, Settings
 from service.db import deployment
@@ -554,7 +554,10 @@ async def run_apply(settings: Settings, path: Path, *, prune: bool) -> Applied:
     try:
         specs = await load_profiles(path, db, settings)
         await _check_mode(db, settings)
-        return await apply(db, StripeClient(session, settings, None), specs, prune=prune)
+        async with upstream_budget.for_tool(settings) as budget:
+            pace = budget.wait if budget is not None else None
+            stripe = StripeClient(session, settings, None, pace=pace, background=True)
+            return await apply(db, stripe, specs, prune=prune)
     finally:
         await session.close()
         await db.close()
@@ -566,7 +569,10 @@ async def run_sync(settings: Settings, report: Report) -> Synced:
     session = StripeClient.new_session(settings)
     try:
         await _check_mode(db, settings)
-        return await sync(db, StripeClient(session, settings, None), report)
+        async with upstream_budget.for_tool(settings) as budget:
+            pace = budget.wait if budget is not None else None
+            stripe = StripeClient(session, settings, None, pace=pace, background=True)
+            return await sync(db, stripe, report)
     finally:
         await session.close()
         await db.close()

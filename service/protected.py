@@ -149,7 +149,7 @@ async def _serve(
     started = time.perf_counter()
     try:
         _check_scope(principal, route.scope)
-        _rate_limit(request, principal)
+        await _rate_limit(request, principal)
         path: dict[str, Any] = {}
         if route.path is not None:
             path = _validate(route.path, dict(request.match_info), _PATH_NOT_VALID)
@@ -174,7 +174,7 @@ async def _serve(
             # Revoked: whatever else was wrong, the answer is the 401 (and no row).
             _unauthenticated(request, revoked)
             raise revoked from None
-        store = _stored(request, principal, exc)
+        store = _stored(exc)
         await decided(request, event, started, exc.status, exc, store=store)
         raise
     except asyncio.CancelledError:
@@ -228,23 +228,22 @@ def _check_scope(principal: Principal, scope: str) -> None:
         raise Forbidden("insufficient_scope", f"This client lacks the {scope} scope.")
 
 
-def _rate_limit(request: web.Request, principal: Principal) -> None:
-    wait = request.app[keys.RATE_LIMITER].try_acquire(
+async def _rate_limit(request: web.Request, principal: Principal) -> None:
+    verdict = await request.app[keys.RATE_LIMITER].acquire(
         principal.key, principal.rate_limit_per_minute
     )
-    if wait > 0:
-        raise RateLimited(retry_after_seconds(wait))
+    if verdict.wait > 0:
+        raise RateLimited(retry_after_seconds(verdict.wait), first_of_window=verdict.first_refusal)
 
 
-def _stored(request: web.Request, principal: Principal, error: ServiceError) -> bool:
+def _stored(error: ServiceError) -> bool:
     """Whether a refusal gets its audit row: every one but repeated 429s (SPEC §6).
 
-    A principal past its rate limit writes one row per minute per replica, for
-    the first refusal of the window; the rest are logged and counted only.
+    A principal past its rate limit writes one row per minute (for the fleet
+    with Redis, else per replica), for the first refusal of the window; the rest
+    are logged and counted only.
     """
-    if not isinstance(error, RateLimited):
-        return True
-    return request.app[keys.RATE_LIMITER].first_refusal_of_window(principal.key)
+    return not isinstance(error, RateLimited) or error.first_of_window
 
 
 async def _json_body(request: web.Request, limit: int) -> Any:

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service import upstream_budget
 from service.audit import ACTION_MAPPING_RESYNC
 from service.backfill import Actor, BackfillError, NoCustomerMapping, backfill_customer
 from service.config import ConfigError, Settings
@@ -113,12 +114,16 @@ async def run(settings: Settings, user_id: str | None, report: Callable[[str], N
         if await deployment.record_mode(db, settings.livemode) != settings.livemode:
             mode = "test" if settings.livemode else "live"
             raise ConfigError("STRIPE_API_KEY", f"the database maps {mode}-mode Stripe ids")
-        stripe = StripeClient(session, settings, None)
-        if user_id is None:
-            return await resync_all(db, stripe, report)
-        done = await resync_user(db, stripe, user_id)
-        report(f"{done.user_id}: {done.written} subscriptions written, {len(done.removed)} removed")
-        return Summary(resynced=1)
+        async with upstream_budget.for_tool(settings) as budget:
+            pace = budget.wait if budget is not None else None
+            stripe = StripeClient(session, settings, None, pace=pace, background=True)
+            if user_id is None:
+                return await resync_all(db, stripe, report)
+            done = await resync_user(db, stripe, user_id)
+            report(
+                f"{done.user_id}: {done.written} subscriptions written, {len(done.removed)} removed"
+            )
+            return Summary(resynced=1)
     finally:
         await session.close()
         await db.close()

@@ -22,9 +22,11 @@ short between a link and its backfill, so its unchanged users are backfilled
 too (and every unchanged user when a restart replaces an unfinished run).
 
 Every Stripe call (pages, backfills, retries) waits for the process's rate
-cap (``service.pacing``, STRIPE_SYNC_REQUESTS_PER_SECOND). ``dry_run`` decides
-each link inside a transaction it rolls back: the same rule, nothing written
-(no mapping, cursor, audit row or backfill). Every change has its audit row
+cap (``service.pacing``, STRIPE_SYNC_REQUESTS_PER_SECOND), then for a place
+in the fleet's upstream budget behind portal sessions
+(``service.upstream_budget``). ``dry_run`` decides each link inside a
+transaction it rolls back: the same rule, nothing written (no mapping,
+cursor, audit row or backfill). Every change has its audit row
 and the run one ``mapping.sync`` row with the counts.
 """
 
@@ -39,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from service import audit, linking
+from service import audit, linking, upstream_budget
 from service.audit import ACTION_MAPPING_CONFLICT, ACTION_MAPPING_SYNC, AuditEvent
 from service.backfill import Actor, BackfillError, backfill
 from service.config import ConfigError, Settings
@@ -181,8 +183,16 @@ async def run(settings: Settings, options: Options, progress: Progress) -> Tally
             mode = "test" if settings.livemode else "live"
             raise ConfigError("STRIPE_API_KEY", f"the database maps {mode}-mode Stripe ids")
         cap = RateCap(settings.stripe_sync_requests_per_second)
-        stripe = StripeClient(session, settings, None, pace=cap.wait)
-        return await sync_customers(db, stripe, cap, key, options, progress)
+        async with upstream_budget.for_tool(settings) as budget:
+
+            async def pace(deadline: float, *, background: bool) -> None:
+                # The tool's own cap, then the fleet's budget, behind portal sessions.
+                await cap.wait()
+                if budget is not None:
+                    await budget.wait(deadline, background=background)
+
+            stripe = StripeClient(session, settings, None, pace=pace, background=True)
+            return await sync_customers(db, stripe, cap, key, options, progress)
     finally:
         await session.close()
         await db.close()

@@ -70,6 +70,9 @@ class RecordedRequest:
     # None while in flight, and for faults that never answer (hang, reset).
     status: int | None = None
     fault: str | None = None
+    # time.monotonic() when the request reached the handler: how many calls
+    # arrived in a second (the upstream budget's tests; Stripe counts arrivals).
+    received_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +86,7 @@ class RecordedRequest:
             "status": self.status,
             "request_id": self.request_id,
             "fault": self.fault,
+            "received_at": self.received_at,
         }
 
 

@@ -15,6 +15,7 @@ import binascii
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -151,6 +152,7 @@ def api_handler(route: ApiRoute) -> Handler:
     """Wrap a route: record, delay, inject the next fault, or answer it normally."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        received_at = time.monotonic()
         state = request.app[STATE]
         pairs, read_error = await _read_pairs(request)
         params: Params | None = None
@@ -168,6 +170,7 @@ def api_handler(route: ApiRoute) -> Handler:
             idempotency_key=request.headers.get("Idempotency-Key"),
             request_id=current_request_id.get(),
             stripe_account=request.headers.get("Stripe-Account"),
+            received_at=received_at,
         )
         state.requests.append(record)
         fault = state.next_fault()

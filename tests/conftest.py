@@ -31,6 +31,7 @@ from service.config import Settings
 from service.metrics import Metrics
 from stripe_standin import STATE, StandinState
 from stripe_standin import create_app as create_standin
+from tests.redis_server import RedisServer
 
 ALLOWED_ORIGIN = "https://app.example.com"
 STRIPE_TEST_KEY = "sk_test_portalgatewaytests0123456789"
@@ -140,6 +141,17 @@ async def standin() -> AsyncIterator[Standin]:
         yield Standin(str(server.make_url("")).rstrip("/"), app[STATE], server)
     finally:
         await server.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (SPEC §14), stopped at the end."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def make_settings(database_url: str, standin_url: str, **env: str) -> Settings:

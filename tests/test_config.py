@@ -165,6 +165,17 @@ BAD_VALUES = [
     ("DATABASE_URL", "portal_gateway"),
     ("RETURN_URL_ALLOWLIST", "app.example.com"),
     ("CORS_ALLOWED_ORIGINS", "*"),
+    ("REDIS_URL", "localhost:6379"),
+    ("REDIS_URL", "http://redis:6379"),
+    ("REDIS_URL", "redis://"),
+    ("REDIS_URL", "redis://redis:port/0"),
+    ("REDIS_URL", "redis://redis:6379/cache"),
+    ("REDIS_URL", "unix://"),
+    ("REDIS_TIMEOUT_SECONDS", "0"),
+    ("REDIS_TIMEOUT_SECONDS", "10"),
+    ("STRIPE_MAX_REQUESTS_PER_SECOND", "-1"),
+    ("STRIPE_MAX_REQUESTS_PER_SECOND", "2.5"),
+    ("STRIPE_MAX_REQUESTS_PER_SECOND", "fast"),
 ]
 
 
@@ -299,6 +310,8 @@ def test_repr_and_str_never_show_a_secret() -> None:
         ({"STRIPE_API_KEY": KEY, "JWT_HS256_SECRET": "LEAKCANARY-short"}, "JWT_HS256_SECRET"),
         ({"STRIPE_API_KEY": KEY, "DATABASE_URL": "mysql://u:LEAKCANARY@db/x"}, "DATABASE_URL"),
         ({"STRIPE_API_KEY": SECRET_KEY, "PORT": "abc"}, "PORT"),
+        ({"STRIPE_API_KEY": KEY, "REDIS_URL": "http://:LEAKCANARY@redis/0"}, "REDIS_URL"),
+        ({"STRIPE_API_KEY": KEY, "REDIS_URL": "redis://:LEAKCANARY@redis:x/0"}, "REDIS_URL"),
     ],
 )
 def test_config_errors_never_echo_a_secret(env: dict[str, str], variable: str) -> None:
@@ -480,3 +493,52 @@ async def test_serve_refuses_a_live_database_with_a_test_key(
     assert "live" in line
     # The record of what the database maps is not rewritten by the refused start.
     assert await conn.fetchval("SELECT livemode FROM deployment") is True
+
+
+# --- SPEC §14: Redis and the upstream budget ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://:LEAKCANARY@redis:6379/3",
+        "rediss://user:LEAKCANARY@redis.internal:6380",
+        "unix:///run/redis/redis.sock?db=2",
+    ],
+)
+def test_redis_url_is_a_secret_of_three_schemes(url: str) -> None:
+    settings = from_env(REDIS_URL=url)
+    assert settings.redis_url is not None
+    assert settings.redis_url.reveal() == url
+    assert "LEAKCANARY" not in repr(settings)
+
+
+def test_redis_is_optional_with_a_short_timeout() -> None:
+    settings = from_env()
+    assert settings.redis_url is None
+    assert 0 < settings.redis_timeout_seconds <= 0.25
+
+
+@pytest.mark.parametrize(
+    ("env", "budget"),
+    [
+        # Stripe's own API: a fifth under its documented limits (100 live, 25 test).
+        ({}, 20),
+        ({"STRIPE_API_KEY": "sk_live_configtests0123456789"}, 80),
+        ({"STRIPE_API_KEY": "rk_live_configtests0123456789"}, 80),
+        ({"STRIPE_API_BASE": "https://api.stripe.com/"}, 20),
+        # A stand-in or stripe-mock has no such limit, and the benchmark must not be throttled.
+        ({"STRIPE_API_BASE": "http://127.0.0.1:12111"}, 0),
+        ({"STRIPE_API_BASE": "http://api.stripe.com"}, 0),
+        ({"STRIPE_API_BASE": "https://stripe-mock.internal"}, 0),
+        # Set, it wins either way; 0 is off.
+        ({"STRIPE_MAX_REQUESTS_PER_SECOND": "0"}, 0),
+        ({"STRIPE_MAX_REQUESTS_PER_SECOND": "5"}, 5),
+        ({"STRIPE_API_BASE": "http://127.0.0.1:12111", "STRIPE_MAX_REQUESTS_PER_SECOND": "7"}, 7),
+    ],
+)
+def test_the_upstream_budget_defaults_by_key_mode_on_stripes_api(
+    env: dict[str, str], budget: int
+) -> None:
+    assert Settings.from_env({"STRIPE_API_KEY": KEY, **env}).upstream_budget_per_second == budget

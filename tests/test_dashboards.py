@@ -41,6 +41,7 @@ from tests.helpers import (
     problem,
 )
 from tests.profile_rows import configuration, seed_profile
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/dashboards/portal-gateway.json"
@@ -76,6 +77,12 @@ REQUIRED_METRICS = {
     "portal_gateway_profile_drift",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
+    # SPEC §14: the fleet's limits.
+    "portal_gateway_redis_up",
+    "portal_gateway_redis_errors_total",
+    "portal_gateway_rate_limit_decisions_total",
+    "portal_gateway_upstream_budget_waits_total",
+    "portal_gateway_upstream_budget_wait_seconds_bucket",
 }
 REQUIRED_ALERTS = {
     "PortalGatewayErrorBudgetBurnFast",
@@ -88,6 +95,8 @@ REQUIRED_ALERTS = {
     "PortalGatewayNoInstanceReady",
     "PortalGatewayAuditWriteFailed",
     "PortalGatewayProfileDrift",
+    "PortalGatewayRedisUnavailable",
+    "PortalGatewayUpstreamBudgetRefusing",
 }
 # Alerts the faults driven below must trip, and in which state: `for: 0m` pages at once.
 EXPECTED_ALERT_STATES = {
@@ -105,6 +114,9 @@ QUIET_ALERTS = {
     "PortalGatewayNoInstanceReady",
     "PortalGatewayTargetMissing",
     "PortalGatewayLatencyP99High",
+    # Redis came back and the budget made calls wait without refusing any.
+    "PortalGatewayRedisUnavailable",
+    "PortalGatewayUpstreamBudgetRefusing",
 }
 WEBHOOK_SECRET = "whsec_dashboardcheck"
 METADATA_KEY = "user_id"
@@ -196,6 +208,10 @@ def test_dashboard_is_complete_and_templated() -> None:
         "rate-limited and shed",
         "cpu",
         "memory",
+        "redis up",
+        "rate-limit decisions by backend",
+        "redis errors",
+        "stripe budget",
     ):
         assert topic in titles, topic
 
@@ -526,6 +542,20 @@ async def drive(t: Traffic, *, first: bool) -> None:
     assert {r.status for r in burst} == {201, 503}, [r.status for r in burst]
 
 
+async def redis_outage(t: Traffic, redis: RedisServer) -> None:
+    """Redis stopped: the request still succeeds, deciding alone (a Redis error);
+    Redis back: the service shares through it again."""
+    redis.stop()
+    await created(await post_session(t.service, {"user_id": "u_42"}, t.token))
+    shared = t.service.server.app[keys.SHARED_REDIS]
+    assert not shared.up
+    redis.start()
+    async with asyncio.timeout(20):
+        while not shared.up:  # asked again after the re-probe backoff (a second)
+            await asyncio.sleep(0.1)
+            await created(await post_session(t.service, {"user_id": "u_42"}, t.token))
+
+
 async def open_the_circuit(t: Traffic) -> None:
     """BREAKER_FAILURE_THRESHOLD (2) failed requests in a row; then it fails fast."""
     t.standin.state.queue_faults([{"status": 500, "repeat": 4}])
@@ -569,7 +599,12 @@ def _shows_something(result: list[dict[str, Any]]) -> bool:
 
 
 async def test_every_panel_and_rule_works_against_a_real_prometheus(
-    tools: Tools, make_service: Any, standin: Standin, conn: Any, tmp_path: Path
+    tools: Tools,
+    make_service: Any,
+    standin: Standin,
+    conn: Any,
+    tmp_path: Path,
+    redis_server: RedisServer,
 ) -> None:
     await seed_world(conn)
     # A profile `profiles apply` made, its snapshot still Stripe's answer to it.
@@ -583,6 +618,9 @@ async def test_every_panel_and_rule_works_against_a_real_prometheus(
         STRIPE_WEBHOOK_SECRETS=WEBHOOK_SECRET,
         STRIPE_USER_METADATA_KEY=METADATA_KEY,
         PUBLIC_BASE_URL="https://billing-gw.example.com",
+        # SPEC §14: limits through Redis, and a budget a round of traffic waits for.
+        REDIS_URL=redis_server.url,
+        STRIPE_MAX_REQUESTS_PER_SECOND="10",
     )
     instance = f"127.0.0.1:{service.server.port}"
     traffic = Traffic(service, standin, conn, token, tiny)
@@ -594,6 +632,7 @@ async def test_every_panel_and_rule_works_against_a_real_prometheus(
         await drive(traffic, first=True)
         await prom.scraped_after(time.time())
         await drive(traffic, first=False)
+        await redis_outage(traffic, redis_server)
         await open_the_circuit(traffic)
         await prom.scraped_after(time.time())
 

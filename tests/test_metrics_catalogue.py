@@ -42,8 +42,14 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     "portal_gateway_mapping_conflicts_total": ("counter", frozenset({"source"})),
     "portal_gateway_mapping_changes_total": ("counter", frozenset({"source", "change"})),
     "portal_gateway_profile_drift": ("gauge", frozenset({"profile"})),
+    "portal_gateway_redis_up": ("gauge", frozenset()),
+    "portal_gateway_upstream_budget_waits_total": ("counter", frozenset({"outcome"})),
     # Not in the table; added for the readiness alert (README, runbook).
     "portal_gateway_ready": ("gauge", frozenset()),
+    # Not in the table either: the dashboard's fleet-limits row (SPEC §14).
+    "portal_gateway_redis_errors_total": ("counter", frozenset({"reason"})),
+    "portal_gateway_rate_limit_decisions_total": ("counter", frozenset({"backend", "result"})),
+    "portal_gateway_upstream_budget_wait_seconds": ("histogram", frozenset({"backend"})),
 }
 
 # Suffix → the label a histogram's sample adds to its own.
@@ -124,6 +130,9 @@ async def test_alerted_series_start_at_zero(service: Any) -> None:
         'portal_gateway_session_errors_total{code="rate_limited"} 0.0',
         'portal_gateway_audit_events_total{outcome="write_failed"} 0.0',
         "portal_gateway_upstream_circuit_open 0.0",
+        'portal_gateway_upstream_budget_waits_total{outcome="refused"} 0.0',
+        'portal_gateway_redis_errors_total{reason="timeout"} 0.0',
+        "portal_gateway_redis_up 0.0",  # no REDIS_URL here: each replica decides alone
         "portal_gateway_http_requests_in_flight 1.0",  # the scrape itself
     ):
         assert line in zero, line

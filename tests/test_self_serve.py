@@ -353,7 +353,7 @@ async def test_hammering_past_the_limit_writes_one_row_per_window(
 ) -> None:
     limit, hammering = 3, 40
     clock = Clock()
-    service.app[keys.RATE_LIMITER]._clock = clock
+    service.app[keys.RATE_LIMITER].local._clock = clock
     tiny = await create_client_token(conn, "tiny", rate_limit=limit)
     body = {"user_id": "u_42"}
 

@@ -150,7 +150,7 @@ async def create_portal_link(call: Call) -> web.Response:
 async def show_portal_link(request: web.Request) -> web.StreamResponse:
     """The self-submitting page, or why the link can't be opened."""
     try:
-        _limit_clicks(request)
+        await _limit_clicks(request)
         await view_link(request.app[keys.PORTAL], request.match_info["token"])
     except ServiceError as exc:
         return _refused(request, exc)
@@ -192,7 +192,7 @@ async def open_portal_link(request: web.Request) -> web.StreamResponse:
     )
     started = time.perf_counter()
     try:
-        _limit_clicks(request)
+        await _limit_clicks(request)
         opened = await open_link(
             app[keys.PORTAL], request.match_info["token"], audit=event, deadline=deadline
         )
@@ -231,15 +231,16 @@ async def open_portal_link(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _limit_clicks(request: web.Request) -> None:
-    """PORTAL_LINK_OPENS_PER_MINUTE per client IP, on both click routes."""
+async def _limit_clicks(request: web.Request) -> None:
+    """PORTAL_LINK_OPENS_PER_MINUTE per client IP, on both click routes (fleet-wide
+    with Redis, like the callers' limits)."""
     app = request.app
-    wait = app[keys.RATE_LIMITER].try_acquire(
+    verdict = await app[keys.RATE_LIMITER].acquire(
         f"link-ip:{client_ip(request)}", app[keys.SETTINGS].portal_link_opens_per_minute
     )
-    if wait > 0:
+    if verdict.wait > 0:
         app[keys.METRICS].portal_links.labels(event="rate_limited").inc()
-        raise RateLimited(retry_after_seconds(wait))
+        raise RateLimited(retry_after_seconds(verdict.wait))
 
 
 _TITLES = {

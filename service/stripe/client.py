@@ -12,11 +12,12 @@ method naming its path, params and the object it expects.
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -154,6 +155,17 @@ def _configuration_id(configuration_id: str) -> str:
     return configuration_id
 
 
+class Pace(Protocol):
+    """A rate cap awaited before every HTTP exchange (``service.upstream_budget``).
+
+    ``deadline`` is the call's (loop time); ``background`` callers yield to the
+    request path. It may raise a ServiceError (``upstream_unavailable``) when
+    no slot comes in time.
+    """
+
+    def __call__(self, deadline: float, *, background: bool) -> Awaitable[None]: ...
+
+
 class StripeClient:
     """Calls Stripe over the application's one aiohttp ClientSession."""
 
@@ -163,9 +175,11 @@ class StripeClient:
         settings: Settings,
         metrics: Metrics | None,
         *,
-        pace: Callable[[], Awaitable[None]] | None = None,
+        pace: Pace | None = None,
+        background: bool = False,
     ) -> None:
-        """``pace``, if given, is awaited before every HTTP exchange (a rate cap)."""
+        """``pace``, if given, is awaited before every HTTP exchange (a rate cap);
+        ``background`` clients (tools, backfills) are paced behind the request path."""
         if settings.stripe_api_key is None:
             raise ValueError("STRIPE_API_KEY is required to call Stripe")
         self._session = session
@@ -173,6 +187,7 @@ class StripeClient:
         self._metrics = metrics
         self._pace = pace
         self._loopback_upstream = is_loopback_url(settings.stripe_api_base)
+        self._background = background
         self._headers = {
             "Authorization": f"Bearer {settings.stripe_api_key.reveal()}",
             "Stripe-Version": settings.stripe_api_version,
@@ -182,6 +197,13 @@ class StripeClient:
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold, settings.breaker_cooldown_seconds, metrics
         )
+
+    def for_background(self) -> StripeClient:
+        """This client (its session, breaker and pace) for background work: the
+        upstream budget serves the request path first."""
+        clone = copy.copy(self)
+        clone._background = True
+        return clone
 
     @staticmethod
     def new_session(settings: Settings) -> aiohttp.ClientSession:
@@ -428,9 +450,10 @@ class StripeClient:
         last: Attempt | None = None
         while True:
             if self._pace is not None:
-                # A tool's upstream budget (service/pacing.py); the wait counts
-                # against the call's deadline like any other.
-                await self._pace()
+                # The upstream budget (service/upstream_budget.py): the wait counts
+                # against the call's deadline like any other, and a budget with no
+                # slot in time raises upstream_unavailable (no verdict on Stripe).
+                await self._pace(call.deadline, background=self._background)
             remaining = call.deadline - loop.time()
             if remaining <= 0:
                 raise final_error(last, retryable=True, expected=call.expect)
