@@ -169,7 +169,10 @@ async def _serve(
         raise
     except ServiceError as exc:
         try:
-            await authenticator.settle(principal)
+            # Not after a database failure: the answer is that 503, which tells a
+            # revoked client nothing, and a second lookup would double its wait.
+            if not isinstance(exc, DatabaseUnavailable):
+                await authenticator.settle(principal)
         except Unauthenticated as revoked:
             # Revoked: whatever else was wrong, the answer is the 401 (and no row).
             _unauthenticated(request, revoked)
@@ -237,12 +240,16 @@ async def _rate_limit(request: web.Request, principal: Principal) -> None:
 
 
 def _stored(error: ServiceError) -> bool:
-    """Whether a refusal gets its audit row: every one but repeated 429s (SPEC §6).
+    """Whether a refusal gets its audit row: every one but repeated 429s (SPEC §6)
+    and answers that are the database's failure.
 
     A principal past its rate limit writes one row per minute (for the fleet
     with Redis, else per replica), for the first refusal of the window; the rest
-    are logged and counted only.
+    are logged and counted only. After a database failure the row would wait out
+    a second timeout to fail the same way: the line is logged, the row skipped.
     """
+    if isinstance(error, DatabaseUnavailable):
+        return False
     return not isinstance(error, RateLimited) or error.first_of_window
 
 
