@@ -105,6 +105,9 @@ class Database:
                     timeout=query_timeout,
                     init=_init_connection,
                     reset=_keep_session,
+                    # No idle-connection timer armed on every release (a call_later
+                    # per query): the pool keeps at most max_size connections anyway.
+                    max_inactive_connection_lifetime=0,
                 ),
                 timeout=query_timeout * 3,
             )
@@ -161,9 +164,14 @@ class Database:
             conn = await self.pool.acquire(timeout=self.timeout)
             try:
                 remaining = max(deadline - loop.time(), 0.001)
-                return await getattr(conn, method)(sql, *args, timeout=remaining)
-            finally:
+                result = await getattr(conn, method)(sql, *args, timeout=remaining)
+            except BaseException:
                 self._give_back(conn)
+                raise
+            # Answered: nothing to wait for on release (no reset query, no cancel to
+            # confirm), so no task of its own.
+            await self.pool.release(conn)
+            return result
         except _REQUEST_UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailable() from exc
         finally:
