@@ -12,6 +12,7 @@ token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -97,6 +98,8 @@ def outcome_for(status: int) -> str:
     return "refused" if status < 500 else "failed"
 
 
+# The same few addresses (proxies, busy callers) come again and again.
+@functools.lru_cache(maxsize=1024)
 def clean_ip(value: str | None) -> str | None:
     """The address as Postgres' inet takes it, or None if it is not one."""
     if not value:
