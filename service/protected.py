@@ -49,6 +49,7 @@ from service.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from service.fast_validation import fast_load
 from service.middlewares import log_fields, route_label
 from service.ratelimit import retry_after_seconds
 from service.request_body import read_request_body
@@ -243,6 +244,11 @@ _PATH_NOT_VALID = "A path parameter is not valid."
 def _validate(schema: Schema, body: Any, detail: str = "") -> dict[str, Any]:
     """The body (or path parameters) as the schema loads it; 422 with a field map
     keyed by dotted path."""
+    # A body the fast path proves valid, loaded as marshmallow would; anything
+    # else (every refusal among it) goes through marshmallow, for its messages.
+    fast = fast_load(schema, body)
+    if fast is not None:
+        return fast
     try:
         data: dict[str, Any] = schema.load(body)
     except ValidationError as exc:
