@@ -86,7 +86,7 @@ class _RequestHandler(RequestHandler):
         response.headers["X-Request-ID"] = request_id
         response.force_close()  # the parser's state is lost: no next request on it
         metrics = manager.app[keys.METRICS]
-        metrics.session_errors.labels(code=error.code).inc()
+        metrics.session_error(error.code)
         elapsed = time.perf_counter() - started
         metrics.observe_request(method_label(request.method), "unmatched", error.status, elapsed)
         access_log.info(

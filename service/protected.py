@@ -182,9 +182,9 @@ async def _authenticate(request: web.Request) -> Principal:
     except Unauthenticated as exc:
         metrics = request.app[keys.METRICS]
         metrics.auth_failures.labels(reason=exc.reason).inc()
-        metrics.session_errors.labels(code=exc.code).inc()
+        metrics.session_error(exc.code)
         # Anonymous traffic can't fill the database.
-        metrics.audit_events.labels(outcome="unauthenticated").inc()
+        metrics.audit_event("unauthenticated")
         audit_log.warning(
             "audit",
             outcome="unauthenticated",
@@ -287,7 +287,7 @@ async def decided(
     event.http_status = status
     event.duration_ms = (time.perf_counter() - started) * 1000
     if error is not None:
-        metrics.session_errors.labels(code=error.code).inc()
+        metrics.session_error(error.code)
         event.error_code = error.code
         event.stripe_request_id = event.stripe_request_id or error.stripe_request_id
         upstream = error.extra.get("upstream")
@@ -303,7 +303,7 @@ async def decided(
         try:
             await audit.emit(request.app[keys.DB], metrics, event)
         except DatabaseUnavailable:
-            metrics.session_errors.labels(code="database_unavailable").inc()
+            metrics.session_error("database_unavailable")
             raise
         return
     # A failed write is already logged and counted; the caller gets the original error.
