@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service import keys
+from service import keys, logs
 from service.client_ip import client_ip
 from service.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -69,7 +69,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     request_id = take_request_id(request.headers.get("X-Request-ID"))
     request[keys.REQUEST_ID] = request_id
     request[keys.LOG_FIELDS] = {}
-    structlog.contextvars.clear_contextvars()
+    logs.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     response = await handler(request)
     response.headers["X-Request-ID"] = request_id
