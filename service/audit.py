@@ -142,7 +142,7 @@ async def emit(
     fields["occurred_at"] = event.occurred_at.isoformat()
     if not store:
         if metrics is not None:
-            metrics.audit_events.labels(outcome=event.outcome).inc()
+            metrics.audit_event(event.outcome)
         logger.info("audit", stored=False, **fields)
         return
     try:
@@ -150,7 +150,7 @@ async def emit(
     except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
         # Whatever the reason, an unaudited decision is not handed out.
         if metrics is not None:
-            metrics.audit_events.labels(outcome="write_failed").inc()
+            metrics.audit_event("write_failed")
         logger.error("audit_write_failed", error=type(exc).__name__, **fields)
         if isinstance(exc, asyncpg.DataError):
             # Class 22, or a value asyncpg cannot encode: what we sent was wrong, the
@@ -158,5 +158,5 @@ async def emit(
             raise AuditRowRefused(f"the audit row was refused: {type(exc).__name__}") from exc
         raise DatabaseUnavailable("The audit trail could not be written; retry later.") from exc
     if metrics is not None:
-        metrics.audit_events.labels(outcome=event.outcome).inc()
+        metrics.audit_event(event.outcome)
     logger.info("audit", **fields)

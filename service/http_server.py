@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from service import keys
+from service import keys, logs
 from service.errors import BadRequest
 from service.metrics import method_label
 from service.middlewares import access_log, problem_response, take_request_id
@@ -79,14 +79,14 @@ class _RequestHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         started = time.perf_counter()
         request_id = take_request_id(None)
-        structlog.contextvars.clear_contextvars()
+        logs.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         error = _parser_error(exc)
         response = problem_response(error, request_id)
         response.headers["X-Request-ID"] = request_id
         response.force_close()  # the parser's state is lost: no next request on it
         metrics = manager.app[keys.METRICS]
-        metrics.session_errors.labels(code=error.code).inc()
+        metrics.session_error(error.code)
         elapsed = time.perf_counter() - started
         metrics.observe_request(method_label(request.method), "unmatched", error.status, elapsed)
         access_log.info(

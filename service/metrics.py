@@ -77,8 +77,33 @@ def method_label(method: str) -> str:
     return method if method in HTTP_METHODS else "other"
 
 
+class _Children(dict[Any, Any]):
+    """A labelled metric's children by their label values, looked up in a plain dict.
+
+    ``labels()`` takes a lock, checks its arguments and builds a key on every
+    call: on the request path, a measurable share of the CPU. The key is the
+    label value (a tuple of them for several labels). This holds exactly the
+    children the metric itself keeps (prometheus drops one only on
+    ``remove()``/``clear()``, never called for these metrics): no series of its
+    own, and no bound needed beyond the labels' own.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self._labels = metric.labels
+
+    def __missing__(self, key: Any) -> Any:
+        child = self._labels(*key) if isinstance(key, tuple) else self._labels(key)
+        self[key] = child
+        return child
+
+
 class Metrics:
-    """Every metric the service exports, registered in its own registry."""
+    """Every metric the service exports, registered in its own registry.
+
+    What the request path counts goes through the methods below (cached label
+    children); elsewhere ``metric.labels(...)`` is fine.
+    """
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -242,6 +267,13 @@ class Metrics:
             buckets=BUDGET_WAIT_BUCKETS,
             registry=r,
         )
+        self._sessions_created = _Children(self.sessions_created)
+        self._session_errors = _Children(self.session_errors)
+        self._audit_events = _Children(self.audit_events)
+        self._upstream_requests = _Children(self.upstream_requests)
+        self._upstream_duration = _Children(self.upstream_duration)
+        self._db_duration = _Children(self.db_duration)
+        self._portal_links = _Children(self.portal_links)
         self.build_info.labels(version=VERSION).set(1)
         for reason in REDIS_ERROR_REASONS:
             self.redis_errors.labels(reason=reason)
@@ -280,3 +312,29 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def session_created(self, flow: str, principal_type: str) -> None:
+        """Count one portal session handed out."""
+        self._sessions_created[flow, principal_type].inc()
+
+    def session_error(self, code: str) -> None:
+        """Count one request refused or failed with this code."""
+        self._session_errors[code].inc()
+
+    def audit_event(self, outcome: str) -> None:
+        """Count one audit event by outcome."""
+        self._audit_events[outcome].inc()
+
+    def upstream_attempt(self, outcome: str, status: int | None, seconds: float) -> None:
+        """Count and time one attempt against Stripe (status None: no answer)."""
+        # prometheus makes the label value str(); "none" when nothing answered.
+        self._upstream_requests[outcome, status or "none"].inc()
+        self._upstream_duration[outcome].observe(seconds)
+
+    def portal_link(self, event: str) -> None:
+        """Count one portal-link event (one of PORTAL_LINK_EVENTS)."""
+        self._portal_links[event].inc()
+
+    def db_query(self, name: str, seconds: float) -> None:
+        """Time one named database query."""
+        self._db_duration[name].observe(seconds)

@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service import keys
+from service import keys, logs
 from service.client_ip import client_ip
 from service.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -69,7 +69,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     request_id = take_request_id(request.headers.get("X-Request-ID"))
     request[keys.REQUEST_ID] = request_id
     request[keys.LOG_FIELDS] = {}
-    structlog.contextvars.clear_contextvars()
+    logs.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     response = await handler(request)
     response.headers["X-Request-ID"] = request_id
@@ -126,7 +126,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return problem_response(_from_http_exception(exc), request_id)
     except Exception:
         app_log.exception("unhandled_exception", route=route_label(request))
-        request.app[keys.METRICS].session_errors.labels(code="internal_error").inc()
+        request.app[keys.METRICS].session_error("internal_error")
         return problem_response(
             InternalError(detail="An unexpected error occurred; it has been logged."),
             request_id,
@@ -171,7 +171,7 @@ async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     if error is not None:
         # Refused before auth and audit: counted here (the shed panel and alerts).
-        request.app[keys.METRICS].session_errors.labels(code=error.code).inc()
+        request.app[keys.METRICS].session_error(error.code)
         raise error
     try:
         response = await handler(request)

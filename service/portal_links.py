@@ -62,7 +62,7 @@ async def create_link(
         ttl_seconds=deps.settings.portal_link_ttl_seconds,
     )
     audit.detail = {**(audit.detail or {}), "link_id": link_id}
-    deps.metrics.portal_links.labels(event="created").inc()
+    deps.metrics.portal_link("created")
     return CreatedLink(f"{base}{LINK_PATH}{token}", expires_at)
 
 
@@ -105,12 +105,12 @@ async def open_link(
             exc.extra.setdefault("return_url", link.return_url)
         # No portal URL left: the link is theirs to click again (a fresh upstream
         # key each time, since the mapping may change between tries).
-        deps.metrics.portal_links.labels(event="failed").inc()
+        deps.metrics.portal_link("failed")
         with contextlib.suppress(DatabaseUnavailable):
             await asyncio.shield(portal_links.release_link(deps.db, link.id, link.taken_at))
         raise
     audit.detail = {**(audit.detail or {}), "link_id": link.id}
-    deps.metrics.portal_links.labels(event="opened").inc()
+    deps.metrics.portal_link("opened")
     return opened
 
 
@@ -124,21 +124,21 @@ def _token_hash(token: str) -> bytes:
 def _check_open(deps: PortalDeps, link: Link | None, *, usable: bool) -> None:
     """Raise the 404/410 this link gets, counted by its event; nothing if ``usable``."""
     if link is None:
-        deps.metrics.portal_links.labels(event="unknown").inc()
+        deps.metrics.portal_link("unknown")
         raise LinkNotFound()
     if usable:
         return
     back = {"return_url": link.return_url}
     if not link.creator_active:
-        deps.metrics.portal_links.labels(event="revoked").inc()
+        deps.metrics.portal_link("revoked")
         raise Gone(
             "portal_link_revoked", "This link's creator may no longer open portals.", extra=back
         )
     if link.expired and link.opened_at is None:
-        deps.metrics.portal_links.labels(event="expired").inc()
+        deps.metrics.portal_link("expired")
         raise Gone("portal_link_expired", "This link has expired; ask for a new one.", extra=back)
     # Opened already, or open when read yet not ours to take: a concurrent click won.
-    deps.metrics.portal_links.labels(event="used").inc()
+    deps.metrics.portal_link("used")
     raise Gone("portal_link_used", "This link was used already; ask for a new one.", extra=back)
 
 

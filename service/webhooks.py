@@ -359,7 +359,7 @@ async def _apply(
             record.duration_ms = (time.perf_counter() - started) * 1000
             await audit.emit(conn, deps.metrics, record)
         await events.finish_event(conn, event.id, outcome.result)
-    deps.metrics.db_duration.labels(query="webhook_apply").observe(time.perf_counter() - started)
+    deps.metrics.db_query("webhook_apply", time.perf_counter() - started)
     if outcome.result == "unknown_customer":
         log.warning("webhook_unknown_customer", event_id=event.id, customer=customer)
     return outcome

@@ -197,7 +197,7 @@ class Database:
 
     def _observe(self, name: str, started: float) -> None:
         if self._metrics is not None:
-            self._metrics.db_duration.labels(query=name).observe(time.perf_counter() - started)
+            self._metrics.db_query(name, time.perf_counter() - started)
 
     def pool_stats(self) -> dict[str, int]:
         """Connections by state, for the pool gauge."""

@@ -154,7 +154,7 @@ async def show_portal_link(request: web.Request) -> web.StreamResponse:
         await view_link(request.app[keys.PORTAL], request.match_info["token"])
     except ServiceError as exc:
         return _refused(request, exc)
-    request.app[keys.METRICS].portal_links.labels(event="viewed").inc()
+    request.app[keys.METRICS].portal_link("viewed")
     return open_page()
 
 
@@ -201,9 +201,7 @@ async def open_portal_link(request: web.Request) -> web.StreamResponse:
             upstream_request_id=opened.session.request_id,
             attempts=opened.session.attempts,
         )
-        app[keys.METRICS].sessions_created.labels(
-            flow=opened.flow or "home", principal_type=event.principal_type
-        ).inc()
+        app[keys.METRICS].session_created(opened.flow or "home", event.principal_type)
         # No answer leaves without its audit row: a failed write is a 503 instead.
         await decided(request, event, started, 303, None, strict=True)
     except ServiceError as exc:
@@ -239,7 +237,7 @@ async def _limit_clicks(request: web.Request) -> None:
         f"link-ip:{client_ip(request)}", app[keys.SETTINGS].portal_link_opens_per_minute
     )
     if verdict.wait > 0:
-        app[keys.METRICS].portal_links.labels(event="rate_limited").inc()
+        app[keys.METRICS].portal_link("rate_limited")
         raise RateLimited(retry_after_seconds(verdict.wait))
 
 
@@ -255,7 +253,7 @@ _TITLES = {
 def _refused(request: web.Request, error: ServiceError, *, counted: bool = False) -> web.Response:
     """The error as a page, or raised for the error middleware's problem+json."""
     if not counted:
-        request.app[keys.METRICS].session_errors.labels(code=error.code).inc()
+        request.app[keys.METRICS].session_error(error.code)
     log_fields(request, error_code=error.code)
     if _wants_json(request):
         raise error

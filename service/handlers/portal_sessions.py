@@ -63,9 +63,7 @@ async def create_portal_session(call: Call) -> web.Response:
     )
     session = opened.session
     log_fields(call.request, upstream_request_id=session.request_id, attempts=session.attempts)
-    app[keys.METRICS].sessions_created.labels(
-        flow=opened.flow or "home", principal_type=call.principal.type
-    ).inc()
+    app[keys.METRICS].session_created(opened.flow or "home", call.principal.type)
     body = {
         "id": session.id,
         "url": session.url,

@@ -539,10 +539,7 @@ class StripeClient:
             # if any, is lost; the same Idempotency-Key makes a retry safe.
             result = Attempt("connection_error")
         if self._metrics is not None:
-            self._metrics.upstream_requests.labels(
-                outcome=result.outcome, status=str(result.status or "none")
-            ).inc()
-            self._metrics.upstream_duration.labels(outcome=result.outcome).observe(
-                time.perf_counter() - started
+            self._metrics.upstream_attempt(
+                result.outcome, result.status, time.perf_counter() - started
             )
         return result
