@@ -11,6 +11,7 @@ auth, validation, audit and the response.
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -147,7 +148,7 @@ async def prepare_session(
     _check_profile(row, flow_type, params, audit)
 
     # With a caller key, the stored upstream key (ours or an earlier request's).
-    upstream_key = row["idem_upstream_key"] if claim is not None else str(uuid.uuid4())
+    upstream_key = row["idem_upstream_key"] if claim is not None else os.urandom(16).hex()
     return PreparedSession(user_id, flow_type, params, row["connected_account"], upstream_key)
 
 

@@ -21,6 +21,10 @@ async def read_request_body(request: web.Request, limit: int) -> bytes:
     BODY_READ_TIMEOUT_SECONDS, 499 when the caller hangs up mid-body."""
     timeout = request.app[keys.SETTINGS].body_read_timeout_seconds
     try:
+        if request.content.is_eof():
+            # All of it arrived with the head (the usual small JSON body): nothing
+            # to wait for, so no timer to arm.
+            return await read_bounded(request.content, limit, request.content_length)
         async with asyncio.timeout(timeout):
             return await read_bounded(request.content, limit, request.content_length)
     except BodyTooLarge:
