@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -12,24 +12,30 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 def encode_form(params: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Flatten nested params into Stripe's ``a[b][0][c]=v`` form pairs; None is omitted."""
-    return list(_flatten(params, None))
+    if not isinstance(params, Mapping):
+        raise TypeError("top-level params must be a mapping")
+    pairs: list[tuple[str, str]] = []
+    for key, value in params.items():
+        _flatten(value, key, pairs)
+    return pairs
 
 
-def _flatten(value: Any, prefix: str | None) -> Iterator[tuple[str, str]]:
-    if isinstance(value, Mapping):
-        for key, sub in value.items():
-            yield from _flatten(sub, key if prefix is None else f"{prefix}[{key}]")
-    elif isinstance(value, list | tuple):
-        for index, sub in enumerate(value):
-            yield from _flatten(sub, f"{prefix}[{index}]")
+def _flatten(value: Any, prefix: str, into: list[tuple[str, str]]) -> None:
+    # Appends instead of yielding: a call per leaf, no generator frames.
+    if isinstance(value, str):
+        into.append((prefix, value))
     elif value is None:
         return
-    elif prefix is None:
-        raise TypeError("top-level params must be a mapping")
     elif isinstance(value, bool):
-        yield prefix, "true" if value else "false"
+        into.append((prefix, "true" if value else "false"))
+    elif isinstance(value, Mapping):
+        for key, sub in value.items():
+            _flatten(sub, f"{prefix}[{key}]", into)
+    elif isinstance(value, list | tuple):
+        for index, sub in enumerate(value):
+            _flatten(sub, f"{prefix}[{index}]", into)
     else:
-        yield prefix, str(value)
+        into.append((prefix, str(value)))
 
 
 def form_body(pairs: Sequence[tuple[str, str]]) -> bytes:
