@@ -9,8 +9,10 @@ the local server is used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -86,17 +88,67 @@ async def _admin_execute(sql: str) -> None:
         await conn.close()
 
 
+# RAM on Linux; a folder of our own in it (mode 0700, named for this process).
+RAM_DIRECTORY = Path("/dev/shm")  # noqa: S108
+
+
+async def _data_directory() -> str | None:
+    try:
+        conn = await asyncpg.connect(_with_database(_admin_url(), "postgres"), timeout=10)
+    except (OSError, asyncpg.PostgresError):
+        return None
+    try:
+        directory: str = await conn.fetchval("SELECT current_setting('data_directory')")
+        return directory
+    finally:
+        await conn.close()
+
+
+def _ram_tablespace(name: str) -> str | None:
+    """A tablespace in RAM for this run's databases, or None where there is none.
+
+    Each test clones the template: on disk that is ~0.3 s of fsyncs per test,
+    a third of the suite's wall time; in RAM, ~0.1 s. Only for a server on this
+    machine whose data directory we can hand a folder to (we run as root);
+    anywhere else the databases stay in the default tablespace.
+    """
+    if not RAM_DIRECTORY.is_dir() or os.geteuid() != 0:
+        return None
+    if urlsplit(_admin_url()).hostname not in (None, "", "127.0.0.1", "localhost", "::1"):
+        return None
+    data_directory = asyncio.run(_data_directory())
+    if data_directory is None:
+        return None
+    location = RAM_DIRECTORY / name
+    try:
+        owner = Path(data_directory).stat()
+        location.mkdir(mode=0o700)
+        os.chown(location, owner.st_uid, owner.st_gid)
+        asyncio.run(_admin_execute(f"CREATE TABLESPACE \"{name}\" LOCATION '{location}'"))
+    except (OSError, asyncpg.PostgresError):
+        shutil.rmtree(location, ignore_errors=True)
+        return None
+    return name
+
+
 @pytest.fixture(scope="session")
 def template_database() -> Iterator[str]:
-    """A database migrated once per run; each test gets a copy of it."""
+    """A database migrated once per run (in RAM where it can be); each test gets a copy."""
     name = f"pgw_template_{os.getpid()}"
     asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}"'))
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    tablespace = _ram_tablespace(f"pgw_ram_{os.getpid()}")
+    placed = f' TABLESPACE "{tablespace}"' if tablespace else ""
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"{placed}'))
     migrations.upgrade(_with_database(_admin_url(), name))
     try:
         yield name
     finally:
         asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if tablespace:
+            # Every clone is dropped by its test; a leftover one keeps the tablespace.
+            with contextlib.suppress(asyncpg.PostgresError):
+                asyncio.run(_admin_execute(f'DROP TABLESPACE "{tablespace}"'))
+            shutil.rmtree(RAM_DIRECTORY / tablespace, ignore_errors=True)
 
 
 @pytest.fixture
