@@ -44,6 +44,8 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     "portal_gateway_profile_drift": ("gauge", frozenset({"profile"})),
     # Not in the table; added for the readiness alert (README, runbook).
     "portal_gateway_ready": ("gauge", frozenset()),
+    # Not in the table; rows per group-committed audit insert (docs/observability.md).
+    "portal_gateway_db_batch_rows": ("histogram", frozenset({"query"})),
 }
 
 # Suffix → the label a histogram's sample adds to its own.
