@@ -29,6 +29,7 @@ it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,10 @@ class GroupInsert:
         waiter: asyncio.Future[None] = loop.create_future()
         self._queue.append(_Row(values, waiter, loop.time() + self._timeout))
         if self._writer is None:
-            self._writer = loop.create_task(self._write_all(), name=self.statement.name)
+            # A context of its own: the writer serves many requests, it logs as none of them.
+            self._writer = loop.create_task(
+                self._write_all(), name=self.statement.name, context=contextvars.Context()
+            )
         # Cancelling the caller cancels only this future: the row stays in its batch.
         await waiter
 
