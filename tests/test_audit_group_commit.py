@@ -12,12 +12,15 @@ the metrics), bounded.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
+import structlog
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
@@ -25,6 +28,7 @@ from service import audit, keys
 from service.audit import AuditEvent
 from service.db.audit import AUDIT_ROWS
 from service.db.pool import Database
+from service.logs import tee
 from service.metrics import Metrics
 from tests.helpers import created, post_session, problem
 
@@ -305,3 +309,39 @@ async def test_close_writes_the_queued_rows_before_the_pool_closes(
     ids = {r[0] for r in await conn.fetch("SELECT request_id FROM audit_events")}
     assert ids == {"direct-0", "direct-1", "direct-2"}
     assert writer.statements == 2
+
+
+async def test_a_row_lost_after_its_caller_left_is_still_logged(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """No caller is left to log and count it (audit.emit does): the writer says so."""
+    metrics = Metrics()
+    db = await Database.connect(database_url, metrics=metrics, query_timeout=10)
+    writer = Writer(db, metrics, conn)
+    try:
+        with tee(io.StringIO()) as captured:
+            async with _inserts_held(database_url):
+                structlog.contextvars.bind_contextvars(request_id="the-caller")
+                emit = asyncio.ensure_future(audit.emit(db, metrics, _event(0)))
+                structlog.contextvars.clear_contextvars()
+                pid = await writer.until_held(1)
+                emit.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await emit
+                assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+
+                async def logged() -> bool:
+                    return "grouped_insert_failed" in captured.getvalue()
+
+                await _until(logged, "the lost row logged")
+    finally:
+        await db.close()
+    lines = [orjson.loads(line) for line in captured.getvalue().splitlines()]
+    (line,) = [line for line in lines if line.get("event") == "grouped_insert_failed"]
+    assert (line["query"], line["error"], line["caller"]) == (
+        "insert_audit",
+        "DatabaseUnavailable",
+        "cancelled",
+    )
+    assert "request_id" not in line  # the writer logs as none of the requests it serves
+    assert await conn.fetchval("SELECT count(*) FROM audit_events") == 0
