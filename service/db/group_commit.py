@@ -68,12 +68,13 @@ Run = Callable[[str, Sequence[Any], float], Awaitable[Any]]
 
 
 class _Row:
-    __slots__ = ("deadline", "values", "waiter")
+    __slots__ = ("deadline", "settled", "values", "waiter")
 
     def __init__(self, values: Sequence[Any], waiter: asyncio.Future[None], deadline: float):
         self.values = values
         self.waiter = waiter
         self.deadline = deadline
+        self.settled = False  # written or failed, whether or not its caller still waits
 
 
 class GroupInsert:
@@ -143,13 +144,22 @@ class GroupInsert:
             return
         if self._observe_batch is not None:
             self._observe_batch(len(rows))
-        timeout = min(row.deadline for row in rows) - now
+        try:
+            await self._write_rows(rows, min(row.deadline for row in rows) - now)
+        except BaseException:
+            # This task itself was cancelled (the loop is closing): the rows not answered
+            # yet were not written, or not known to be.
+            for row in rows:
+                self._fail(row, DatabaseUnavailable())
+            raise
+
+    async def _write_rows(self, rows: list[_Row], budget: float) -> None:
         try:
             if len(rows) == 1:
-                await self._run(self.statement.sql, rows[0].values, timeout)
+                await self._run(self.statement.sql, rows[0].values, budget)
             else:
                 columns = list(zip(*(row.values for row in rows), strict=True))
-                await self._run(self.statement.batch_sql, columns, timeout)
+                await self._run(self.statement.batch_sql, columns, budget)
         except ROW_ERRORS as exc:
             if len(rows) == 1:
                 self._fail(rows[0], exc)
@@ -158,16 +168,9 @@ class GroupInsert:
         except Exception as exc:
             for row in rows:
                 self._fail(row, exc)
-        except BaseException:
-            # This task itself was cancelled (the loop is closing): the rows were not
-            # written, or not known to be.
-            for row in rows:
-                self._fail(row, DatabaseUnavailable())
-            raise
         else:
             for row in rows:
-                if not row.waiter.done():
-                    row.waiter.set_result(None)
+                self._written(row)
 
     async def _write_one_by_one(self, rows: list[_Row]) -> None:
         for row in rows:
@@ -179,17 +182,26 @@ class GroupInsert:
             except Exception as exc:
                 self._fail(row, exc)
             else:
-                if not row.waiter.done():
-                    row.waiter.set_result(None)
+                self._written(row)
+
+    @staticmethod
+    def _written(row: _Row) -> None:
+        row.settled = True
+        if not row.waiter.done():
+            row.waiter.set_result(None)
 
     def _fail(self, row: _Row, exc: BaseException) -> None:
+        if row.settled:
+            return
+        row.settled = True
         if not row.waiter.done():
             row.waiter.set_exception(exc)
-            return
-        # Its caller was cancelled while it waited: no one else will say the row is missing.
-        logger.error(
-            "grouped_insert_failed",
-            query=self.statement.name,
-            error=type(exc).__name__,
-            caller="cancelled",
-        )
+        elif row.waiter.cancelled():
+            # Its caller was cancelled while it waited: no one else will say the row is
+            # missing.
+            logger.error(
+                "grouped_insert_failed",
+                query=self.statement.name,
+                error=type(exc).__name__,
+                caller="cancelled",
+            )
