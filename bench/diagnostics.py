@@ -38,6 +38,7 @@ from harness import log
 from stack import Stack
 
 Statements = dict[str, tuple[str, Callable[[], tuple[Any, ...]]]]
+BATCH_ROWS = 16
 
 
 async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
@@ -112,7 +113,7 @@ async def round_trips(
 def statements(data: harness.Data) -> Statements:
     """The statements of the request path, with arguments like the service's:
     the one place the bench imports the service's SQL."""
-    from service.db.audit import INSERT_AUDIT
+    from service.db.audit import INSERT_AUDIT, INSERT_AUDIT_BATCH
     from service.db.clients import FIND_CLIENT
     from service.db.resolve import RESOLVE
 
@@ -152,6 +153,12 @@ def statements(data: harness.Data) -> Statements:
             lambda: (user(), None, "pro-yearly", "stay-20", True),
         ),
         "insert_audit": (INSERT_AUDIT, audit_row),
+        # Group commit (service/db/group_commit.py): the rows of concurrent requests in
+        # one statement and one commit; the whole statement's cost, not per row.
+        f"insert_audit, {BATCH_ROWS} rows in one statement": (
+            INSERT_AUDIT_BATCH,
+            lambda: tuple(zip(*(audit_row() for _ in range(BATCH_ROWS)), strict=True)),
+        ),
     }
 
 

@@ -50,6 +50,8 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     "portal_gateway_redis_errors_total": ("counter", frozenset({"reason"})),
     "portal_gateway_rate_limit_decisions_total": ("counter", frozenset({"backend", "result"})),
     "portal_gateway_upstream_budget_wait_seconds": ("histogram", frozenset({"backend"})),
+    # Not in the table; rows per group-committed audit insert (docs/observability.md).
+    "portal_gateway_db_batch_rows": ("histogram", frozenset({"query"})),
 }
 
 # Suffix → the label a histogram's sample adds to its own.

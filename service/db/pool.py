@@ -10,19 +10,24 @@ opening a new one (asyncpg's connect timeout is 60 s unless told otherwise,
 and a dead pooled connection is reopened on acquire), and the statement. So a
 request during an outage is answered 503 within that timeout, and once the
 server is back the next acquire reconnects: no restart needed.
+
+Rows whose commits concurrent callers wait for (audit rows) can be appended
+through :meth:`Database.insert_grouped`: committed together, one statement per
+batch (``group_commit.py``). ``close`` waits for them before closing the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
 
 import asyncpg
 import orjson
 
+from service.db.group_commit import GroupedInsert, GroupInsert
 from service.errors import DatabaseUnavailable
 from service.metrics import Metrics
 
@@ -83,6 +88,7 @@ class Database:
         self.timeout = timeout
         # Releases still running after their caller got its answer (see _release).
         self._releasing: set[asyncio.Task[None]] = set()
+        self._groups: dict[GroupedInsert, GroupInsert] = {}
 
     @classmethod
     async def connect(
@@ -119,9 +125,14 @@ class Database:
         return cls(pool, metrics, query_timeout)
 
     async def close(self) -> None:
-        """Close the pool, waiting for connections in use at most the timeout."""
+        """Write the rows still queued, then close the pool, waiting for connections in
+        use at most the timeout."""
         try:
-            await asyncio.wait_for(self.pool.close(), timeout=self.timeout * 5)
+            # Each queued row is written or failed within the timeout of its queueing.
+            async with asyncio.timeout(self.timeout * 5):
+                for group in self._groups.values():
+                    await group.drain()
+                await self.pool.close()
         except TimeoutError:
             self.pool.terminate()
 
@@ -154,14 +165,40 @@ class Database:
         result: str = await self._run(name, "execute", sql, args)
         return result
 
-    async def _run(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+    async def insert_grouped(self, statement: GroupedInsert, row: Sequence[Any]) -> None:
+        """Append one row, committed with those of concurrent callers (group commit);
+        return once it is committed."""
+        group = self._groups.get(statement)
+        if group is None:
+            group = self._groups[statement] = GroupInsert(
+                statement,
+                lambda sql, args, budget: self._run(statement.name, "execute", sql, args, budget),
+                self.timeout,
+                self._batch_observer(statement.name),
+            )
+        await group.insert(row)
+
+    def grouped(self, statement: GroupedInsert) -> GroupInsert | None:
+        """The queue of ``statement``, once a row has used it."""
+        return self._groups.get(statement)
+
+    async def _run(
+        self,
+        name: str,
+        method: str,
+        sql: str,
+        args: Sequence[Any],
+        budget: float | None = None,
+    ) -> Any:
         # Not pool.fetchrow() & co: their acquire has no timeout, so an exhausted
         # pool or a server that does not answer the connect would queue forever.
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        # The whole call's seconds: the timeout, or what a grouped row has left of it.
+        budget = self.timeout if budget is None else max(budget, 0.001)
+        deadline = loop.time() + budget
         try:
-            conn = await self.pool.acquire(timeout=self.timeout)
+            conn = await self.pool.acquire(timeout=budget)
             try:
                 remaining = max(deadline - loop.time(), 0.001)
                 result = await getattr(conn, method)(sql, *args, timeout=remaining)
@@ -198,6 +235,11 @@ class Database:
     def _observe(self, name: str, started: float) -> None:
         if self._metrics is not None:
             self._metrics.db_query(name, time.perf_counter() - started)
+
+    def _batch_observer(self, name: str) -> Callable[[float], None] | None:
+        if self._metrics is None:
+            return None
+        return self._metrics.db_batch_rows.labels(query=name).observe
 
     def pool_stats(self) -> dict[str, int]:
         """Connections by state, for the pool gauge."""
