@@ -147,10 +147,15 @@ def statements(data: harness.Data) -> Statements:
     return {
         "SELECT 1 (a round trip, nothing else)": ("SELECT 1", lambda: ()),
         "find_client (token hash lookup)": (FIND_CLIENT, lambda: (token_hash,)),
-        "resolve, portal home": (RESOLVE, lambda: (user(), None, None, None, False)),
+        # The last argument: a cached client token the statement confirms (issue 17).
+        "resolve, portal home": (RESOLVE, lambda: (user(), None, None, None, False, None)),
+        "resolve, portal home + client token check": (
+            RESOLVE,
+            lambda: (user(), None, None, None, False, token_hash),
+        ),
         "resolve, subscription flow + plan + offer": (
             RESOLVE,
-            lambda: (user(), None, "pro-yearly", "stay-20", True),
+            lambda: (user(), None, "pro-yearly", "stay-20", True, None),
         ),
         "insert_audit": (INSERT_AUDIT, audit_row),
         # Group commit (service/db/group_commit.py): the rows of concurrent requests in
