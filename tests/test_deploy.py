@@ -83,7 +83,7 @@ NOT_MANIFESTS = frozenset({"kustomization.yaml"})
 PER_RELEASE = frozenset({"migrate-job.yaml"})
 # Postgres' default max_connections is 100: leave room for the Job and operators.
 MAX_DB_CONNECTIONS = 90
-# Without bench/results/latest.json (not committed), the figures SPEC §10's
+# Without bench/results/latest.json (committed: the README's run), the figures SPEC §10's
 # benchmark gave on this machine: peak RSS at concurrency 200, in MB.
 DEFAULT_PEAK_RSS_MB = 150.0
 
