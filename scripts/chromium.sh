@@ -27,33 +27,13 @@ die() {
     exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
-
-as_root() {
-    if [[ $(id -u) -eq 0 ]]; then
-        "$@"
-    elif have sudo; then
-        sudo -n "$@"
-    else
-        die "Chromium is not installed, and installing it needs root (no sudo here)"
-    fi
-}
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 install_chromium() {
     have apt-get || die "Chromium is not installed and there is no apt-get: install Debian's chromium package, or set CHROMIUM_BIN"
     log "$CHROMIUM not found: installing Debian's chromium package with apt-get"
-    # --no-install-recommends: a headless browser for tests needs no extra fonts,
-    # translations or desktop integration.
-    local -a apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -y
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
-    fi
-    if ! as_root "${apt[@]}" install --no-install-recommends chromium >&2; then
-        # Stale package lists (a newer point release) are the usual cause.
-        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
-        as_root "${apt[@]}" install --no-install-recommends chromium >&2 ||
-            die "apt-get install chromium failed"
-    fi
+    apt_install chromium || die "could not install chromium (above)"
 }
 
 main() {

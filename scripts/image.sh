@@ -41,6 +41,8 @@ die() {
     exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 PROJECT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
 readonly PROJECT_DIR
@@ -57,22 +59,6 @@ readonly BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates,ne
 readonly BASE_REVISION=1
 readonly RECIPE_LABEL=org.portal-gateway.base-recipe
 
-apt_install() {
-    local -a apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -y
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
-        -o DPkg::Lock::Timeout=120)
-    log "installing Debian's $* with apt-get"
-    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        "${apt[@]}" update >&2 || die "apt-get update failed"
-    fi
-    if ! "${apt[@]}" install --no-install-recommends "$@" >&2; then
-        # Stale package lists (a newer point release) are the usual cause.
-        "${apt[@]}" update >&2 || die "apt-get update failed"
-        "${apt[@]}" install --no-install-recommends "$@" >&2 || die "apt-get install $* failed"
-    fi
-    hash -r
-}
-
 cmd_install() {
     local -a missing=()
     have podman || missing+=(podman)
@@ -81,7 +67,8 @@ cmd_install() {
     ((${#missing[@]} == 0)) && return 0
     [[ $(id -u) -eq 0 ]] || die "${missing[*]} missing, and installing them needs root"
     have apt-get || die "${missing[*]} missing and there is no apt-get"
-    apt_install "${missing[@]}"
+    log "installing Debian's ${missing[*]} with apt-get"
+    apt_install "${missing[@]}" || die "could not install ${missing[*]} (above)"
     if ! have podman || ! have runc || ! have debootstrap; then
         die "installed, but not on PATH: ${missing[*]}"
     fi

@@ -24,6 +24,8 @@ die() {
     exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 find_bin() {
     # An explicit override, else PATH, else Debian's location (root's PATH may
@@ -39,32 +41,11 @@ find_bin() {
     fi
 }
 
-as_root() {
-    if [[ $(id -u) -eq 0 ]]; then
-        "$@"
-    elif have sudo; then
-        sudo -n "$@"
-    else
-        die "Prometheus is not installed, and installing it needs root (no sudo here)"
-    fi
-}
-
 install_prometheus() {
     have apt-get || die "Prometheus is not installed and there is no apt-get: install Debian's prometheus package, or set PROMETHEUS_BIN and PROMTOOL_BIN"
     log "prometheus/promtool not found: installing Debian's prometheus package with apt-get"
-    # --no-install-recommends: no node exporter. Debian packages do not start
-    # their daemon in containers (policy-rc.d), and the check starts its own.
-    local -a apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -y
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
-    fi
-    if ! as_root "${apt[@]}" install --no-install-recommends prometheus >&2; then
-        # Stale package lists (a newer point release) are the usual cause.
-        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
-        as_root "${apt[@]}" install --no-install-recommends prometheus >&2 ||
-            die "apt-get install prometheus failed"
-    fi
+    # No node exporter (no recommends); the checks start their own Prometheus.
+    apt_install prometheus || die "could not install prometheus (above)"
 }
 
 main() {

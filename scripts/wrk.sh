@@ -25,6 +25,8 @@ die() {
     exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 find_bin() {
     local override=$1 name=$2
@@ -38,31 +40,10 @@ find_bin() {
     fi
 }
 
-as_root() {
-    if [[ $(id -u) -eq 0 ]]; then
-        "$@"
-    elif have sudo; then
-        sudo -n "$@"
-    else
-        die "installing $* needs root (no sudo here)"
-    fi
-}
-
-apt_install() {
+install_package() {
     have apt-get || die "$1 is not installed and there is no apt-get: install Debian's $1 package"
     log "$1 not found: installing Debian's $1 package with apt-get"
-    local -a apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -y
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
-    fi
-    if ! as_root "${apt[@]}" install --no-install-recommends "$1" >&2; then
-        # Stale package lists (a newer point release) are the usual cause.
-        as_root "${apt[@]}" update >&2 || die "apt-get update failed"
-        as_root "${apt[@]}" install --no-install-recommends "$1" >&2 ||
-            die "apt-get install $1 failed"
-    fi
-    hash -r
+    apt_install "$1" || die "could not install $1 (above)"
 }
 
 # ensure VAR OVERRIDE BINARY PACKAGE: print VAR=path, installing PACKAGE if needed.
@@ -70,7 +51,7 @@ ensure() {
     local var=$1 override=$2 name=$3 package=$4 path
     path=$(find_bin "$override" "$name")
     if [[ -z $path ]]; then
-        apt_install "$package"
+        install_package "$package"
         path=$(find_bin "" "$name")
         [[ -n $path ]] || die "the $package package is installed but $name is not on PATH"
     fi

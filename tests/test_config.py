@@ -525,8 +525,8 @@ def test_redis_is_optional_with_a_short_timeout() -> None:
     [
         # Stripe's own API: a fifth under its documented limits (100 live, 25 test).
         ({}, 20),
-        ({"STRIPE_API_KEY": "sk_live_configtests0123456789"}, 80),
-        ({"STRIPE_API_KEY": "rk_live_configtests0123456789"}, 80),
+        ({"STRIPE_API_KEY": "sk_live_abc123"}, 80),
+        ({"STRIPE_API_KEY": "rk_live_abc123"}, 80),
         ({"STRIPE_API_BASE": "https://api.stripe.com/"}, 20),
         # A stand-in or stripe-mock has no such limit, and the benchmark must not be throttled.
         ({"STRIPE_API_BASE": "http://127.0.0.1:12111"}, 0),

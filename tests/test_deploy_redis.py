@@ -203,7 +203,7 @@ def test_redis_runs_locked_down_without_persistence() -> None:
 def test_the_service_gets_a_redis_url_it_accepts_naming_the_redis_service() -> None:
     data = _patched("ConfigMap")["data"]
     assert set(data) - set(_configmap()) == {"REDIS_URL"}
-    settings = Settings.from_env({**data, "STRIPE_API_KEY": "sk_live_deploycheck0123456789"})
+    settings = Settings.from_env({**data, "STRIPE_API_KEY": "sk_live_abc123"})
     assert settings.redis_url is not None
     url = urlsplit(settings.redis_url.reveal())
     assert url.password is None  # a password would go in the Secret (REDIS_URL_FILE)
