@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import orjson
 
 import dataset
 import harness
@@ -115,7 +116,7 @@ def statements(data: harness.Data) -> Statements:
     the one place the bench imports the service's SQL."""
     from service.db.audit import INSERT_AUDIT, INSERT_AUDIT_BATCH
     from service.db.clients import FIND_CLIENT
-    from service.db.resolve import RESOLVE
+    from service.db.resolve import RESOLVE, RESOLVE_BATCH, RESOLVE_GROUPED
 
     token_hash = hashlib.sha256(data.credentials.client_token.encode()).digest()
     rng = random.Random(1)
@@ -157,8 +158,20 @@ def statements(data: harness.Data) -> Statements:
             RESOLVE,
             lambda: (user(), None, "pro-yearly", "stay-20", True, None),
         ),
+        # Grouped lookups (service/db/resolve.py): the RESOLVE of concurrent requests in
+        # one statement; the whole statement's cost, not per lookup.
+        f"resolve, {BATCH_ROWS} lookups in one statement": (
+            RESOLVE_BATCH,
+            lambda: (
+                orjson.dumps(
+                    RESOLVE_GROUPED.batch_args(
+                        [(user(), None, None, None, False, token_hash) for _ in range(BATCH_ROWS)]
+                    )[0]
+                ).decode(),
+            ),
+        ),
         "insert_audit": (INSERT_AUDIT, audit_row),
-        # Group commit (service/db/group_commit.py): the rows of concurrent requests in
+        # Group commit (service/db/grouping.py): the rows of concurrent requests in
         # one statement and one commit; the whole statement's cost, not per row.
         f"insert_audit, {BATCH_ROWS} rows in one statement": (
             INSERT_AUDIT_BATCH,

@@ -39,7 +39,7 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3
 UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 # Index lookups are sub-millisecond.
 DB_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5)
-# Rows per group-committed statement (service/db/group_commit.py): 1 when idle, up to 256.
+# Callers per grouped statement (service/db/grouping.py): 1 when idle, up to 256.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # Waits for the Stripe budget: none at all, up to a second's queue, up to a deadline.
@@ -176,7 +176,7 @@ class Metrics:
         )
         self.db_batch_rows = Histogram(
             p + "db_batch_rows",
-            "Rows written together by one group-committed statement (audit rows).",
+            "Callers answered by one grouped statement (audit rows per commit, RESOLVE lookups).",
             ["query"],
             buckets=BATCH_BUCKETS,
             registry=r,

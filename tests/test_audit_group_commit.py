@@ -1,5 +1,5 @@
 """§6 with group commit: the audit rows of concurrent requests share a statement and a
-commit, and each is still committed before its response (service/db/group_commit.py).
+commit, and each is still committed before its response (service/db/grouping.py).
 
 To make "concurrent" exact rather than likely, a test holds a SHARE lock on
 audit_events from a connection of its own: the first batch's INSERT waits for it,

@@ -1,6 +1,6 @@
 """The audit trail: append a row (the table refuses UPDATE and DELETE); read a time range.
 
-Rows appended through the pool are group-committed (``group_commit.py``): the
+Rows appended through the pool are group-committed (``grouping.py``): the
 rows of concurrent requests go in one statement and one commit, each request
 waiting for the commit of its own. The monthly partitions and their pruning are
 in ``audit_partitions.py``.
@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from service.db.group_commit import GroupedInsert
+from service.db.grouping import GroupedStatement
 from service.db.pool import Connection, Database
 
 INSERT_AUDIT = """
@@ -40,7 +40,7 @@ SELECT * FROM unnest(
 
 # Both are "insert_audit" in the query metrics: one observation per statement, whatever
 # its rows (portal_gateway_db_batch_rows counts those).
-AUDIT_ROWS = GroupedInsert("insert_audit", INSERT_AUDIT, INSERT_AUDIT_BATCH)
+AUDIT_ROWS = GroupedStatement("insert_audit", INSERT_AUDIT, INSERT_AUDIT_BATCH)
 
 AUDIT_FIELDS = (
     "occurred_at",
@@ -73,7 +73,7 @@ async def insert(target: Database | Connection, event: Any) -> None:
     concurrent callers before this returns), or in the caller's transaction (committed
     with the change it records)."""
     if isinstance(target, Database):
-        await target.insert_grouped(AUDIT_ROWS, audit_args(event))
+        await target.run_grouped(AUDIT_ROWS, audit_args(event))
     else:
         await target.execute(INSERT_AUDIT, *audit_args(event))
 

@@ -11,9 +11,9 @@ and a dead pooled connection is reopened on acquire), and the statement. So a
 request during an outage is answered 503 within that timeout, and once the
 server is back the next acquire reconnects: no restart needed.
 
-Rows whose commits concurrent callers wait for (audit rows) can be appended
-through :meth:`Database.insert_grouped`: committed together, one statement per
-batch (``group_commit.py``). ``close`` waits for them before closing the pool.
+Statements that concurrent callers may share (the audit row's INSERT, RESOLVE)
+run through :meth:`Database.run_grouped`: one statement per batch of callers
+(``grouping.py``). ``close`` waits for the batches queued before closing the pool.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import orjson
 
-from service.db.group_commit import GroupedInsert, GroupInsert
+from service.db.grouping import GroupedStatement, StatementGroup
 from service.errors import DatabaseUnavailable
 from service.metrics import Metrics
 
@@ -88,7 +88,7 @@ class Database:
         self.timeout = timeout
         # Releases still running after their caller got its answer (see _release).
         self._releasing: set[asyncio.Task[None]] = set()
-        self._groups: dict[GroupedInsert, GroupInsert] = {}
+        self._groups: dict[GroupedStatement, StatementGroup] = {}
 
     @classmethod
     async def connect(
@@ -125,10 +125,10 @@ class Database:
         return cls(pool, metrics, query_timeout)
 
     async def close(self) -> None:
-        """Write the rows still queued, then close the pool, waiting for connections in
+        """Run the grouped statements still queued, then close the pool, waiting for connections in
         use at most the timeout."""
         try:
-            # Each queued row is written or failed within the timeout of its queueing.
+            # Each queued caller is answered or failed within the timeout of its queueing.
             async with asyncio.timeout(self.timeout * 5):
                 for group in self._groups.values():
                     await group.drain()
@@ -165,21 +165,24 @@ class Database:
         result: str = await self._run(name, "execute", sql, args)
         return result
 
-    async def insert_grouped(self, statement: GroupedInsert, row: Sequence[Any]) -> None:
-        """Append one row, committed with those of concurrent callers (group commit);
-        return once it is committed."""
+    async def run_grouped(self, statement: GroupedStatement, values: Sequence[Any]) -> Any:
+        """Run ``statement`` with ``values`` together with the same statement of
+        concurrent callers (``grouping.py``); this caller's answer: its row for a
+        read, None once committed for a write."""
         group = self._groups.get(statement)
         if group is None:
-            group = self._groups[statement] = GroupInsert(
+            group = self._groups[statement] = StatementGroup(
                 statement,
-                lambda sql, args, budget: self._run(statement.name, "execute", sql, args, budget),
+                lambda method, sql, args, budget: self._run(
+                    statement.name, method, sql, args, budget
+                ),
                 self.timeout,
                 self._batch_observer(statement.name),
             )
-        await group.insert(row)
+        return await group.run(values)
 
-    def grouped(self, statement: GroupedInsert) -> GroupInsert | None:
-        """The queue of ``statement``, once a row has used it."""
+    def grouped(self, statement: GroupedStatement) -> StatementGroup | None:
+        """The queue of ``statement``, once a caller has used it."""
         return self._groups.get(statement)
 
     async def _run(

@@ -7,14 +7,22 @@ the use case checks before calling Stripe (SPEC §12: active, the deep links'
 features, the offered prices, the profile's Connect account); with a caller's
 ``Idempotency-Key`` it also claims the key in the same statement. Every lookup
 goes through a primary key or unique index.
+
+Without a key to claim, RESOLVE is a grouped statement (``grouping.py``): the
+lookups of concurrent requests are answered by one statement, ``RESOLVE_BATCH``,
+the same SELECT over a JSON array of their parameters (``jsonb_to_recordset``,
+not ``unnest``: its row estimate does not depend on the array, so Postgres keeps
+one generic plan instead of planning every batch anew, ~1 ms each).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service.db.clients import ClientRow
+from service.db.grouping import GroupedStatement
 from service.db.pool import Database
 
 _RESOLVE_SELECT = """
@@ -41,31 +49,85 @@ SELECT
     o.kind AS offer_kind, o.stripe_id AS offer_stripe_id, o.self_serve AS offer_self_serve,
     client.id AS client_id, client.name AS client_name, client.scopes AS client_scopes,
     client.rate_limit_per_minute AS client_rate_limit,
-    CASE WHEN $5 THEN (
+    CASE WHEN {with_subscriptions} THEN (
         SELECT json_agg(json_build_object(
             'id', s.stripe_subscription_id, 'ref', s.external_ref, 'status', s.status,
             'item_id', s.item_id, 'stale', s.stale_at IS NOT NULL)
             ORDER BY s.stripe_subscription_id)
-        FROM subscriptions s WHERE s.user_id = $1
+        FROM subscriptions s WHERE s.user_id = {user_id}
     ) END AS subscriptions
     {idempotency_columns}
-FROM (SELECT 1) AS one
-LEFT JOIN customers c ON c.user_id = $1
+FROM {source}
+LEFT JOIN customers c ON c.user_id = {user_id}
 LEFT JOIN LATERAL (
-    SELECT p.name FROM portal_profiles p WHERE p.name = coalesce($2, c.portal)
+    SELECT p.name FROM portal_profiles p WHERE p.name = coalesce({portal}, c.portal)
     UNION ALL
     SELECT p.name FROM portal_profiles p
-    WHERE p.is_default AND $2::text IS NULL AND c.portal IS NULL
+    WHERE p.is_default AND {portal} IS NULL AND c.portal IS NULL
     LIMIT 1
 ) picked ON true
 LEFT JOIN portal_profiles prof ON prof.name = picked.name
-LEFT JOIN plans pl ON pl.plan = $3
-LEFT JOIN offers o ON o.name = $4
-LEFT JOIN api_clients client ON client.token_hash = $6::bytea AND client.revoked_at IS NULL
-"""
+LEFT JOIN plans pl ON pl.plan = {plan}
+LEFT JOIN offers o ON o.name = {offer}
+LEFT JOIN api_clients client ON client.token_hash = {token_hash} AND client.revoked_at IS NULL
+{order}"""
+
+# One request's parameters: $1 user_id, $2 portal, $3 plan, $4 offer,
+# $5 with_subscriptions, $6 token_hash.
+_ONE = {
+    "source": "(SELECT 1) AS one",
+    "user_id": "$1::text",
+    "portal": "$2::text",
+    "plan": "$3::text",
+    "offer": "$4::text",
+    "with_subscriptions": "$5::boolean",
+    "token_hash": "$6::bytea",
+    "order": "",
+}
+# Many requests' parameters: $1 a JSON array of objects, one per request (see
+# _batch_args), answered one row each in their order.
+_MANY = {
+    "source": (
+        "jsonb_to_recordset($1::jsonb) AS r(caller int, user_id text, portal text,"
+        " plan text, offer text, with_subscriptions boolean, token_hash text)"
+    ),
+    "user_id": "r.user_id",
+    "portal": "r.portal",
+    "plan": "r.plan",
+    "offer": "r.offer",
+    "with_subscriptions": "r.with_subscriptions",
+    "token_hash": "decode(r.token_hash, 'hex')",
+    "order": "ORDER BY r.caller",
+}
 
 # Formatted once at import from constants: no caller input reaches the SQL text.
-RESOLVE = _RESOLVE_SELECT.format(idempotency_columns="")
+RESOLVE = _RESOLVE_SELECT.format(idempotency_columns="", **_ONE)
+RESOLVE_BATCH = _RESOLVE_SELECT.format(idempotency_columns="", **_MANY)
+
+
+def _batch_args(callers: Sequence[Sequence[Any]]) -> list[Any]:
+    """RESOLVE_BATCH's one parameter from the RESOLVE parameters of each caller."""
+    return [
+        [
+            {
+                "caller": n,
+                "user_id": user_id,
+                "portal": portal,
+                "plan": plan,
+                "offer": offer,
+                "with_subscriptions": with_subscriptions,
+                "token_hash": None if token_hash is None else token_hash.hex(),
+            }
+            for n, (user_id, portal, plan, offer, with_subscriptions, token_hash) in enumerate(
+                callers
+            )
+        ]
+    ]
+
+
+RESOLVE_GROUPED = GroupedStatement(
+    "resolve", RESOLVE, RESOLVE_BATCH, batch_args=_batch_args, returns_rows=True
+)
 
 # The caller's Idempotency-Key is claimed in the same round trip. An expired
 # key is taken over with a fresh upstream key, so an old replay starts a new
@@ -86,11 +148,12 @@ WITH claim AS (
     SELECT request_hash, upstream_key FROM idempotency_keys WHERE principal = $7 AND key = $8
 )
 """ + _RESOLVE_SELECT.format(
+    **_ONE,
     idempotency_columns=""",
     coalesce((SELECT request_hash FROM claim), (SELECT request_hash FROM existing))
         AS idem_request_hash,
     coalesce((SELECT upstream_key FROM claim), (SELECT upstream_key FROM existing))
-        AS idem_upstream_key"""
+        AS idem_upstream_key""",
 )
 
 
@@ -123,7 +186,8 @@ async def resolve(
     """
     args: list[Any] = [user_id, portal, plan, offer, with_subscriptions, token_hash]
     if claim is None:
-        row = await db.fetchrow("resolve", RESOLVE, *args)
+        # Shared with the lookups of concurrent requests: one statement for them all.
+        row = await db.run_grouped(RESOLVE_GROUPED, args)
     else:
         args += [
             claim.principal,
