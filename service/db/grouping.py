@@ -9,7 +9,8 @@ row before the response (SPEC §6, *group commit*: the batch's rows share one
 commit) and the request path's RESOLVE (one read for the lookups of many requests,
 from one snapshot taken after each of them was queued).
 
-* Idle, a lone caller's statement runs at once, as the single statement: no timer.
+* Idle, a lone caller's statement runs at once, as the single statement: no timer
+  (a lone read in its caller's own task, a write in a task of its own).
 * While a batch is in flight, new callers queue; they go together, by the batch
   statement (one prepared statement whatever the batch size), as the next batch
   once the one in flight is done. A batch holds at most ``max_rows``.
@@ -113,6 +114,8 @@ class StatementGroup:
         self._batch = "fetch" if statement.returns_rows else "execute"
         self._queue: list[_Caller] = []
         self._runner: asyncio.Task[None] | None = None
+        # A statement of this group is in flight (the runner's, or a lone read's).
+        self._busy = False
 
     @property
     def queued(self) -> int:
@@ -123,15 +126,35 @@ class StatementGroup:
         """This caller's answer (a row, or None for a write) once its batch has run;
         raise what its statement raised."""
         loop = asyncio.get_running_loop()
+        if self.statement.returns_rows and not self._busy:
+            return await self._run_alone(loop, values)
         waiter: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Caller(values, waiter, loop.time() + self._timeout))
-        if self._runner is None:
-            # A context of its own: the runner serves many requests, it logs as none of them.
-            self._runner = loop.create_task(
-                self._run_all(), name=self.statement.name, context=contextvars.Context()
-            )
+        if not self._busy:
+            self._start_runner(loop)
         # Cancelling the caller cancels only this future: its values stay in their batch.
         return await waiter
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, values: Sequence[Any]) -> Any:
+        """An idle read runs in its caller's task: no runner to start and wake for the
+        common lone lookup (a cancelled read loses nothing). Callers arriving meanwhile
+        queue, and go together once it is done."""
+        self._busy = True
+        try:
+            if self._observe_batch is not None:
+                self._observe_batch(1)
+            return await self._run(self._single, self.statement.sql, values, self._timeout)
+        finally:
+            self._busy = False
+            if self._queue:
+                self._start_runner(loop)
+
+    def _start_runner(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._busy = True
+        # A context of its own: the runner serves many requests, it logs as none of them.
+        self._runner = loop.create_task(
+            self._run_all(), name=self.statement.name, context=contextvars.Context()
+        )
 
     async def drain(self) -> None:
         """Wait until every caller queued so far (and since) is answered or failed."""
@@ -152,6 +175,7 @@ class StatementGroup:
             raise
         finally:
             self._runner = None
+            self._busy = False
 
     async def _run_batch(self, batch: list[_Caller]) -> None:
         now = asyncio.get_running_loop().time()
