@@ -20,6 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import structlog
+import uvloop
 from aiohttp import web
 
 from service import http_server, keys, logs
@@ -69,8 +70,17 @@ async def _with_db(
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(serving=True)
     logs.configure(settings.log_level, settings.log_format)
-    asyncio.run(_serve(create_app(settings), settings))
+    with asyncio.Runner(loop_factory=_LOOPS[settings.event_loop]) as runner:
+        runner.run(_serve(create_app(settings), settings))
     return 0
+
+
+# EVENT_LOOP: uvloop's loop costs ~15 % fewer instructions per request than the
+# standard library's (make bench-instr); `asyncio` is the way back without a release.
+_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
 
 
 # After the drain, what is still in flight (a probe, a late 503 draining) gets this
@@ -105,7 +115,11 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "serving", host=settings.host, port=settings.port, metrics_port=settings.metrics_port
+            "serving",
+            host=settings.host,
+            port=settings.port,
+            metrics_port=settings.metrics_port,
+            event_loop=type(loop).__module__.partition(".")[0],
         )
         await stop.wait()
         lifecycle = app[keys.LIFECYCLE]

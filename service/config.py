@@ -593,6 +593,13 @@ class Settings:
     log_level: str = setting(
         "LOG_LEVEL", _one_of(_LOG_LEVELS, upper=True), "INFO", "DEBUG, INFO, WARNING or ERROR"
     )
+    event_loop: str = setting(
+        "EVENT_LOOP",
+        _one_of(("uvloop", "asyncio")),
+        "uvloop",
+        "`serve`'s event loop: `uvloop` (libuv; less CPU per request) or `asyncio`"
+        " (the standard library's)",
+    )
     log_format: str = setting(
         "LOG_FORMAT",
         _one_of(("json", "console")),

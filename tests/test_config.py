@@ -154,6 +154,7 @@ BAD_VALUES = [
     ("ALLOW_HTTP_LOCALHOST", "2"),
     ("LOG_LEVEL", "verbose"),
     ("LOG_FORMAT", "xml"),
+    ("EVENT_LOOP", "trio"),
     ("JWT_ALGORITHMS", "none"),
     ("JWT_ALGORITHMS", "RS256,HS1"),
     ("STRIPE_API_BASE", "api.stripe.com"),

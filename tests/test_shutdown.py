@@ -149,11 +149,17 @@ async def _refused(port: int) -> bool:
     return False
 
 
+# Both event loops EVENT_LOOP offers: signals, the drain and the pool's close behave alike.
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 async def test_sigterm_drains_50_in_flight_requests_then_exits_0(
-    serve: Callable[..., Any], standin: Standin, token: str, conn: asyncpg.Connection
+    serve: Callable[..., Any],
+    standin: Standin,
+    token: str,
+    conn: asyncpg.Connection,
+    event_loop: str,
 ) -> None:
     shutdown_timeout = 10.0
-    served: Served = await serve(SHUTDOWN_TIMEOUT=str(shutdown_timeout))
+    served: Served = await serve(SHUTDOWN_TIMEOUT=str(shutdown_timeout), EVENT_LOOP=event_loop)
     standin.state.set_latency(1000)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     body = orjson.dumps({"user_id": "u_42"})
@@ -200,6 +206,8 @@ async def test_sigterm_drains_50_in_flight_requests_then_exits_0(
 
     events = [line.get("event") for line in served.lines()]
     assert events.index("draining") < events.index("stopped")
+    (serving,) = [line for line in served.lines() if line.get("event") == "serving"]
+    assert serving["event_loop"] == event_loop
     created = await conn.fetchval("SELECT count(*) FROM audit_events WHERE http_status = 201")
     assert created == 50
 
