@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -114,6 +115,11 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         metrics_runner = await _start_metrics_site(app, settings)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # What start-up made (modules, schemas, the app, the pool) lives as long as the
+        # process: out of the collector's sight, a full collection walks only what
+        # requests left behind, a few ms instead of 60-90 ms of a paused loop (the
+        # p99 of an open-loop bench was those pauses).
+        gc.freeze()
         log.info(
             "serving",
             host=settings.host,
