@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -219,3 +220,12 @@ async def metric_value(client: TestClient[Any, Any], name: str, **labels: str) -
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return 0.0
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not await predicate():
+        assert loop.time() < end, f"{what} did not happen within {within} s"
+        await asyncio.sleep(0.01)

@@ -30,7 +30,7 @@ from service.db.audit import AUDIT_ROWS
 from service.db.pool import Database
 from service.logs import tee
 from service.metrics import Metrics
-from tests.helpers import created, post_session, problem
+from tests.helpers import created, post_session, problem, until
 
 pytestmark = [pytest.mark.usefixtures("world"), pytest.mark.timeout(60)]
 
@@ -41,14 +41,6 @@ SELECT pid FROM pg_stat_activity
 WHERE datname = current_database() AND wait_event_type = 'Lock'
   AND query LIKE '%INSERT INTO audit_events%'
 """
-
-
-async def _until(predicate: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not await predicate():
-        assert loop.time() < end, f"{what} did not happen within {within} s"
-        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -117,7 +109,7 @@ class Writer:
             pids = [pid for pid in await self.waiting() if pid != after]
             return len(pids) == 1 and self.rows_sent + self.queued == rows
 
-        await _until(held, f"{rows} audit rows sent or queued behind a held INSERT")
+        await until(held, f"{rows} audit rows sent or queued behind a held INSERT")
         return pids[0]
 
 
@@ -211,7 +203,7 @@ async def test_a_batch_lost_to_an_outage_fails_all_its_requests_then_writes_reco
         alone = _request(service, token, 0)
         pid = await writer.until_held(1)
         batch = [_request(service, token, n) for n in range(1, 6)]
-        await _until(_queued(writer, 5), "five rows queued behind the first")
+        await until(_queued(writer, 5), "five rows queued behind the first")
         # The connection of the INSERT in flight dies (a crash, a failover, a kill).
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
         await problem(await alone, 503, "database_unavailable")
@@ -254,16 +246,16 @@ async def test_a_caller_that_hangs_up_while_its_row_waits_keeps_the_row(
         first = _request(service, token, 0)
         await writer.until_held(1)
         gone = _request(service, token, 1)
-        await _until(_queued(writer, 1), "the second row queued")
+        await until(_queued(writer, 1), "the second row queued")
         gone.cancel()  # the client hangs up; the server cancels its handler
-        await _until(hung_up, "the handler cancelled (499)")
+        await until(hung_up, "the handler cancelled (499)")
     await created(await first)
 
     async def stored() -> bool:
         return await _row(conn, "gc-1") is not None
 
     # Its batch still ran: the row (of the success it was waiting to answer) is there.
-    await _until(stored, "the hung-up request's row committed")
+    await until(stored, "the hung-up request's row committed")
     assert tuple(await _row(conn, "gc-1") or ()) == ("created", 201)
     # ...and the writer goes on.
     await created(await _request(service, token, 2))
@@ -293,7 +285,7 @@ async def test_close_writes_the_queued_rows_before_the_pool_closes(
             emits = [asyncio.ensure_future(audit.emit(db, metrics, _event(0)))]
             await writer.until_held(1)
             emits += [asyncio.ensure_future(audit.emit(db, metrics, _event(n))) for n in (1, 2)]
-            await _until(_queued(writer, 2), "two rows queued behind the held one")
+            await until(_queued(writer, 2), "two rows queued behind the held one")
             for task in emits:
                 task.cancel()  # e.g. handlers cancelled at the end of the shutdown grace
             closing = asyncio.ensure_future(db.close())
@@ -333,7 +325,7 @@ async def test_a_row_lost_after_its_caller_left_is_still_logged(
                 async def logged() -> bool:
                     return "grouped_insert_failed" in captured.getvalue()
 
-                await _until(logged, "the lost row logged")
+                await until(logged, "the lost row logged")
     finally:
         await db.close()
     lines = [orjson.loads(line) for line in captured.getvalue().splitlines()]

@@ -25,7 +25,7 @@ from service import keys
 from service.db.pool import Database
 from service.db.resolve import RESOLVE, RESOLVE_BATCH, RESOLVE_GROUPED
 from tests.conftest import create_client_token
-from tests.helpers import created, post_session, problem
+from tests.helpers import created, post_session, problem, until
 
 pytestmark = [pytest.mark.usefixtures("world"), pytest.mark.timeout(60)]
 
@@ -39,14 +39,6 @@ WHERE datname = current_database() AND wait_event_type = 'Lock'
 USERS = ("u_42", "u_7", "u_none", "u_two", "u_multi")
 CUSTOMERS = {"u_42": "cus_42", "u_7": "cus_7", "u_none": "cus_none", "u_two": "cus_two"}
 CUSTOMERS["u_multi"] = "cus_multi"
-
-
-async def _until(predicate: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not await predicate():
-        assert loop.time() < end, f"{what} did not happen within {within} s"
-        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -98,7 +90,7 @@ class Lookups:
             waiting = await self.conn.fetchval(WAITING_LOOKUPS)
             return bool(waiting == 1 and self.callers_sent + self.queued == callers)
 
-        await _until(held, f"{callers} lookups sent or queued behind a held RESOLVE")
+        await until(held, f"{callers} lookups sent or queued behind a held RESOLVE")
 
 
 def _request(service: Any, token: str, user: str, n: int) -> asyncio.Future[Any]:
@@ -165,7 +157,7 @@ async def test_a_value_the_database_refuses_fails_only_its_own_lookup(
             first = asyncio.ensure_future(
                 db.run_grouped(RESOLVE_GROUPED, ["u_42", None, None, None, False, None])
             )
-            await _until(_waiting(conn), "the first RESOLVE waiting for the lock")
+            await until(_waiting(conn), "the first RESOLVE waiting for the lock")
             good = [
                 asyncio.ensure_future(
                     db.run_grouped(RESOLVE_GROUPED, [user, None, None, None, True, None])
@@ -177,7 +169,7 @@ async def test_a_value_the_database_refuses_fails_only_its_own_lookup(
                 db.run_grouped(RESOLVE_GROUPED, ["u_\x00", None, None, None, False, None])
             )
             group = db.grouped(RESOLVE_GROUPED)
-            await _until(_queued(group, len(USERS) + 1), "the lookups queued")
+            await until(_queued(group, len(USERS) + 1), "the lookups queued")
         assert (await first)["stripe_customer_id"] == "cus_42"
         for user, row in zip(USERS, await asyncio.gather(*good), strict=True):
             assert row["stripe_customer_id"] == CUSTOMERS[user]
