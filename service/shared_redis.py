@@ -2,7 +2,8 @@
 
 The shared rate limits (:mod:`service.ratelimit`) and the Stripe budget
 (:mod:`service.upstream_budget`) each ask Redis with one Lua script per
-decision, through :meth:`SharedRedis.run`. Redis is optional by design, so it
+decision, through :meth:`SharedRedis.run`, over the one connection of
+:mod:`service.redis_multiplex`. Redis is optional by design, so it
 is never the reason a request is refused: ``run`` answers None, "decide
 alone", when ``REDIS_URL`` is unset, when Redis is known to be down, or when a
 call fails or takes longer than ``REDIS_TIMEOUT_SECONDS`` (a hung Redis costs a
@@ -22,21 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio
 import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config import Settings
 from service.metrics import Metrics
+from service.redis_multiplex import MultiplexedRedis
 
 log = structlog.get_logger("app")
 
@@ -57,12 +57,24 @@ def error_reason(exc: BaseException) -> str:
     return "error"
 
 
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script, run by its SHA1 (sent whole once if Redis does not know it)."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha1(self.source.encode(), usedforsecurity=False)
+        object.__setattr__(self, "sha", digest.hexdigest())
+
+
 class SharedRedis:
     """One Redis client (or none), its health, and the fallback signal; see the module."""
 
     def __init__(
         self,
-        client: redis.asyncio.Redis | None,
+        client: MultiplexedRedis | None,
         *,
         timeout: float,
         metrics: Metrics | None = None,
@@ -85,15 +97,8 @@ class SharedRedis:
         """The client of ``REDIS_URL`` (none when unset). No I/O: it connects on first use."""
         client = None
         if settings.redis_url is not None:
-            bound = settings.redis_timeout_seconds
-            client = redis.asyncio.Redis.from_url(
-                settings.redis_url.reveal(),
-                socket_timeout=bound,
-                socket_connect_timeout=bound,
-                # No retries inside redis-py: a failed call falls back at once, and a
-                # retry would stretch the bound a request waits for Redis.
-                retry=Retry(NoBackoff(), 0),
-                health_check_interval=0,
+            client = MultiplexedRedis.from_url(
+                settings.redis_url.reveal(), connect_timeout=settings.redis_timeout_seconds
             )
         return cls(client, timeout=settings.redis_timeout_seconds, metrics=metrics)
 
@@ -107,25 +112,26 @@ class SharedRedis:
         """Whether the last call to Redis succeeded (False when it is not configured)."""
         return self._up
 
-    def script(self, source: str) -> AsyncScript | None:
-        """``source`` registered once (run by its SHA; loaded again if Redis forgot it)."""
-        return self._client.register_script(source) if self._client is not None else None
+    def script(self, source: str) -> Script | None:
+        """``source`` for :meth:`run` (None without ``REDIS_URL``)."""
+        return Script(source) if self._client is not None else None
 
     async def probe(self) -> bool:
         """PING, at start: says in the log and the gauge whether Redis answers."""
         if self._client is None:
             return False
         client = self._client
-        await self._call(lambda: client.ping())
+        await self._call(lambda: client.execute("PING"))
         if self._up:
             log.info("redis_connected")
         return self._up
 
     async def run(
-        self, script: AsyncScript | None, keys: Sequence[str], args: Sequence[str | int | float]
+        self, script: Script | None, keys: Sequence[str], args: Sequence[str | int | float]
     ) -> Any:
         """The script's answer, or None: decide alone (see the module docstring)."""
-        if script is None:
+        client = self._client
+        if script is None or client is None:
             return None
         probe = not self._up
         if probe:
@@ -134,18 +140,18 @@ class SharedRedis:
                 return None
             self._probing = True
         try:
-            return await self._call(lambda: script(keys=list(keys), args=list(args)))
+            return await self._call(lambda: _eval(client, script, keys, args))
         finally:
             if probe:
                 self._probing = False
 
-    async def _call(self, call: Callable[[], Any]) -> Any:
+    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
             async with asyncio.timeout(self._timeout):
                 result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
-            await self._drop_idle_connections()
+            await self._reset_connection()
             return None
         if not self._up:
             self._up = True
@@ -175,14 +181,14 @@ class SharedRedis:
             )
             self._alone_since_log = 0
 
-    async def _drop_idle_connections(self) -> None:
-        """Close the pool's idle connections: after an outage they are dead, and the
-        first call on each would fail and mark a recovered Redis down again."""
+    async def _reset_connection(self) -> None:
+        """Drop the connection: after a timeout or an outage it may be dead, and the
+        next call on it would fail and mark a recovered Redis down again."""
         if self._client is None:
             return
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self._timeout):
-                await self._client.connection_pool.disconnect(inuse_connections=False)
+                await self._client.reset()
 
     def _decided_alone(self) -> None:
         self._alone_since_log += 1
@@ -194,3 +200,13 @@ class SharedRedis:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+async def _eval(
+    client: MultiplexedRedis, script: Script, keys: Sequence[str], args: Sequence[str | int | float]
+) -> Any:
+    try:
+        return await client.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        # Redis restarted or flushed its scripts: EVAL runs it and caches it again.
+        return await client.execute("EVAL", script.source, len(keys), *keys, *args)

@@ -1,0 +1,132 @@
+"""One Redis connection shared by every request (service/redis_multiplex.py),
+against a real, throwaway ``redis-server``.
+
+What the sharing must never do: hand a caller another caller's reply. So the
+replies of many callers at once, some of them giving up mid-flight and some
+getting an error reply, each reach their own caller, over one connection; a
+Redis killed mid-flight fails the callers waiting at once, and the next
+command connects again; a Redis that forgot the scripts still runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from service.config import Settings
+from service.ratelimit import SharedRateLimiter
+from service.redis_multiplex import MultiplexedRedis
+from service.shared_redis import SharedRedis
+from tests.redis_server import RedisServer
+
+KEY = "sk_test_multiplex0123456789abc"
+
+
+@pytest.fixture
+async def mux(redis_server: RedisServer) -> AsyncIterator[MultiplexedRedis]:
+    client = MultiplexedRedis.from_url(redis_server.url, connect_timeout=2)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _clients_of_others(redis_server: RedisServer) -> int:
+    """Connections to the server other than the one this check opens."""
+    with redis_server.client() as client:
+        return len(client.client_list()) - 1
+
+
+async def test_concurrent_commands_share_one_connection_each_with_its_own_reply(
+    mux: MultiplexedRedis, redis_server: RedisServer
+) -> None:
+    replies = await asyncio.gather(*(mux.execute("ECHO", f"caller-{n}") for n in range(300)))
+    assert replies == [f"caller-{n}".encode() for n in range(300)]
+    assert _clients_of_others(redis_server) == 1
+
+
+# One caller: its value, and what it does: wait for its reply, give up after
+# some turns of the event loop (a timeout, a hang-up), or send a command Redis
+# answers with an error.
+caller = st.tuples(st.sampled_from(["wait", "give_up", "error"]), st.integers(0, 3))
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(callers=st.lists(caller, min_size=1, max_size=40))
+async def test_callers_giving_up_or_refused_leave_the_others_their_own_replies(
+    mux: MultiplexedRedis, redis_server: RedisServer, callers: list[tuple[str, int]]
+) -> None:
+    async def call(n: int, kind: str) -> Any:
+        if kind == "error":
+            return await mux.execute("INCR", f"not-a-number-{n}")
+        return await mux.execute("ECHO", f"caller-{n}")
+
+    with redis_server.client() as client:
+        for n, (kind, _) in enumerate(callers):
+            if kind == "error":
+                client.set(f"not-a-number-{n}", "x")
+    tasks = [asyncio.create_task(call(n, kind)) for n, (kind, _) in enumerate(callers)]
+    for n, (kind, turns) in enumerate(callers):
+        if kind == "give_up":
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            tasks[n].cancel()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for n, ((kind, _), outcome) in enumerate(zip(callers, outcomes, strict=True)):
+        if kind == "error":
+            assert isinstance(outcome, ResponseError), outcome
+        elif kind == "wait":
+            assert outcome == f"caller-{n}".encode()
+        else:  # gave up: cancelled, or its reply came first
+            assert isinstance(outcome, asyncio.CancelledError) or outcome == f"caller-{n}".encode()
+    # Still in step, on the same one connection.
+    assert await mux.execute("ECHO", "after") == b"after"
+    assert _clients_of_others(redis_server) == 1
+
+
+async def test_redis_killed_mid_flight_fails_the_waiting_callers_then_connects_again(
+    mux: MultiplexedRedis, redis_server: RedisServer
+) -> None:
+    assert await mux.execute("PING") in (b"PONG", "PONG", True)
+    redis_server.pause()  # the commands are written, no reply comes
+    waiting = [asyncio.create_task(mux.execute("ECHO", f"lost-{n}")) for n in range(5)]
+    await asyncio.sleep(0.05)
+    assert not any(task.done() for task in waiting)
+    assert redis_server.process is not None
+    redis_server.process.kill()
+    redis_server.process.wait(5)
+    outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+    assert all(isinstance(outcome, RedisConnectionError) for outcome in outcomes), outcomes
+    # Back on the same port: the next command opens a new connection.
+    redis_server.start()
+    assert await mux.execute("ECHO", "again") == b"again"
+
+
+async def test_a_redis_that_forgot_the_scripts_still_runs_them(
+    redis_server: RedisServer,
+) -> None:
+    settings_ = Settings.from_env({"STRIPE_API_KEY": KEY, "REDIS_URL": redis_server.url})
+    redis = SharedRedis.from_settings(settings_, None)
+    try:
+        limiter = SharedRateLimiter(redis, None)
+        assert (await limiter.acquire("client:a", 2)).wait == 0
+        with redis_server.client() as client:
+            client.script_flush()
+        # Run from its source this time (not decided alone: the bucket is Redis's).
+        assert (await limiter.acquire("client:a", 2)).wait == 0
+        assert (await limiter.acquire("client:a", 2)).wait > 0
+        assert redis.up
+    finally:
+        await redis.close()
