@@ -263,6 +263,10 @@ async def phase(
     target.peak_rss_since_start_kb = max(target.peak_rss_since_start_kb, peak_kb)
     readings = (before, start, end, after)
     result = figures(target.name, scenario, load, readings, peak_kb if rss_reset else None)
+    if target.name != "floor":
+        round_trip = await stack.round_trip_cpu_us()
+        if round_trip is not None:
+            result["pg_round_trip_us"] = round_trip
     if measure and result["failed"]:
         target.failures.append(
             f"{scenario.key}: {result['failed']} failed requests ({load.get('errors')},"

@@ -34,6 +34,7 @@ METRICS = (
     "pg_background_cpu_us_per_request",
     "standin_cpu_us_per_request",
     "peak_rss_mb",
+    "pg_round_trip_us",
     "redis_cpu_us_per_request",
     "db_find_client_per_request",
     "db_resolve_per_request",
@@ -61,6 +62,7 @@ TABLE_ROWS = (
     Row("  of which user", "cpu_user_us_per_request", 0),
     Row("  of which system", "cpu_sys_us_per_request", 0),
     Row("Postgres CPU (µs/request)", "pg_cpu_us_per_request", 0),
+    Row("  a bare round trip (µs)", "pg_round_trip_us", 0),
     Row("peak RSS (MB)", "peak_rss_mb", 1),
     Row("stand-in CPU (µs/request)", "standin_cpu_us_per_request", 0),
     Row("other load (cores)", "other_cpu_cores", 2),
@@ -70,6 +72,7 @@ MARKDOWN_ROWS = (
     Row("p50 / p95 / p99 (ms)", None, 1),
     Row("service CPU µs/request", "cpu_us_per_request", 0),
     Row("Postgres CPU µs/request", "pg_cpu_us_per_request", 0),
+    Row("… a bare round trip µs", "pg_round_trip_us", 0),
     Row("peak RSS MB", "peak_rss_mb", 0),
 )
 
@@ -230,9 +233,17 @@ def targets(scenarios: list[dict[str, Any]], other_run: dict[str, Any] | None) -
         "service_cpu_le_2.0x_floor": _target(
             {s["key"]: s["ratios"]["cpu_us_per_request"] for s in closed}, lambda v: v <= 2.0
         ),
+        # With the cost of a bare round trip measured after each phase: on a slower VM
+        # every statement costs more, and this figure with it.
         "postgres_cpu_le_200us": _target(
-            {s["key"]: s["service"].get("pg_cpu_us_per_request") for s in scenarios},
-            lambda v: v is not None and v <= 200,
+            {
+                s["key"]: {
+                    "us_per_request": s["service"].get("pg_cpu_us_per_request"),
+                    "bare_round_trip_us": s["service"].get("pg_round_trip_us"),
+                }
+                for s in scenarios
+            },
+            lambda v: v["us_per_request"] is not None and v["us_per_request"] <= 200,
         ),
         "open_loop_50ms_p99_le_floor_plus_3ms": _target(
             {

@@ -114,6 +114,19 @@ class Stack:
                 out[pid] = value
         return out
 
+    async def round_trip_cpu_us(self, repeats: int = 300) -> float | None:
+        """Backend CPU (µs) of a bare ``SELECT 1`` now, on the monitoring connection:
+        what a round trip costs this machine at the moment, next to each phase's
+        Postgres CPU (it moves with the VM, and the figures with it)."""
+        pid = await self.monitor.fetchval("SELECT pg_backend_pid()")
+        before = procstat.oncpu_ns(pid)
+        for _ in range(repeats):
+            await self.monitor.fetchval("SELECT 1")
+        after = procstat.oncpu_ns(pid)
+        if before is None or after is None:
+            return None
+        return (after - before) / repeats / 1000
+
     async def post(self, target: Target, token: str, body: bytes) -> tuple[int, str]:
         """One request of the pool to ``target``: (status, response body)."""
         async with self.session.post(
