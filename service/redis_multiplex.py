@@ -109,7 +109,7 @@ class MultiplexedRedis:
             return  # dropped meanwhile: its callers have their error already
         try:
             await link.connection.send_packed_command(outgoing, check_health=False)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # the callers get it as a lost connection
             await self._drop(link, exc)
         except BaseException:
             # Cancelled in the middle of a write (redis-py closed the socket then).
@@ -143,7 +143,7 @@ class MultiplexedRedis:
                 value: Any = await link.connection.read_response()
             except ResponseError as exc:  # an error reply: the caller's, not the connection's
                 value = exc
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # whatever it is, the stream is lost
                 await self._drop(link, exc)
                 return
             if not link.waiting:
@@ -160,7 +160,7 @@ class MultiplexedRedis:
 
     async def _drop(self, link: _Link, exc: BaseException) -> None:
         """Fail ``link``'s callers, forget it, close its socket and stop its reader."""
-        error = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
+        error = exc if isinstance(exc, RedisError) else RedisConnectionError(type(exc).__name__)
         link.fail(error)
         if self._link is link:
             self._link = None
