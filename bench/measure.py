@@ -264,9 +264,11 @@ async def phase(
     readings = (before, start, end, after)
     result = figures(target.name, scenario, load, readings, peak_kb if rss_reset else None)
     if target.name != "floor":
-        round_trip = await stack.round_trip_cpu_us()
-        if round_trip is not None:
-            result["pg_round_trip_us"] = round_trip
+        hot = await stack.round_trip_cpu_us(300)
+        paced = await stack.round_trip_cpu_us(100, gap_s=0.005)
+        if hot is not None and paced is not None:
+            result["pg_round_trip_us"] = hot
+            result["pg_round_trip_paced_us"] = paced
     if measure and result["failed"]:
         target.failures.append(
             f"{scenario.key}: {result['failed']} failed requests ({load.get('errors')},"

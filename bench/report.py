@@ -35,6 +35,7 @@ METRICS = (
     "standin_cpu_us_per_request",
     "peak_rss_mb",
     "pg_round_trip_us",
+    "pg_round_trip_paced_us",
     "redis_cpu_us_per_request",
     "db_find_client_per_request",
     "db_resolve_per_request",
@@ -49,7 +50,7 @@ RATIO_METRICS = (*METRICS[:7], "peak_rss_mb")
 @dataclass(frozen=True)
 class Row:
     label: str
-    key: str | None  # None: p50 / p95 / p99 in one cell (Markdown)
+    key: str | tuple[str, ...]  # a tuple: several figures in one cell, "a/b/c" (Markdown)
     digits: int
 
 
@@ -63,16 +64,21 @@ TABLE_ROWS = (
     Row("  of which system", "cpu_sys_us_per_request", 0),
     Row("Postgres CPU (µs/request)", "pg_cpu_us_per_request", 0),
     Row("  a bare round trip (µs)", "pg_round_trip_us", 0),
+    Row("  … 5 ms apart (µs)", "pg_round_trip_paced_us", 0),
     Row("peak RSS (MB)", "peak_rss_mb", 1),
     Row("stand-in CPU (µs/request)", "standin_cpu_us_per_request", 0),
     Row("other load (cores)", "other_cpu_cores", 2),
 )
 MARKDOWN_ROWS = (
     Row("requests/s", "requests_per_s", 0),
-    Row("p50 / p95 / p99 (ms)", None, 1),
+    Row("p50 / p95 / p99 (ms)", ("p50_ms", "p95_ms", "p99_ms"), 1),
     Row("service CPU µs/request", "cpu_us_per_request", 0),
     Row("Postgres CPU µs/request", "pg_cpu_us_per_request", 0),
-    Row("… a bare round trip µs", "pg_round_trip_us", 0),
+    Row(
+        "… a bare round trip µs (back to back / 5 ms apart)",
+        ("pg_round_trip_us", "pg_round_trip_paced_us"),
+        0,
+    ),
     Row("peak RSS MB", "peak_rss_mb", 0),
 )
 
@@ -177,7 +183,7 @@ def redis_text(results: list[dict[str, Any]], reps: int) -> list[str]:
             f"  {'':<30}{'service':>12}{'+ Redis':>12}{'extra':>10}",
         ]
         for row in rows:
-            key = row.key or ""
+            key = row.key if isinstance(row.key, str) else ""
             extra = s["extra"].get(key)
             shown = f"{extra:+,.{row.digits}f}" if extra is not None else ""
             lines.append(
@@ -240,6 +246,7 @@ def targets(scenarios: list[dict[str, Any]], other_run: dict[str, Any] | None) -
                 s["key"]: {
                     "us_per_request": s["service"].get("pg_cpu_us_per_request"),
                     "bare_round_trip_us": s["service"].get("pg_round_trip_us"),
+                    "bare_round_trip_5ms_apart_us": s["service"].get("pg_round_trip_paced_us"),
                 }
                 for s in scenarios
             },
@@ -283,7 +290,7 @@ def table(s: dict[str, Any], reps: int) -> list[str]:
         f"  {'':<28}{'service':>12}{'floor':>12}{'ratio':>9}",
     ]
     for row in TABLE_ROWS:
-        key = row.key or ""
+        key = row.key if isinstance(row.key, str) else ""
         r = s["ratios"].get(key, math.nan)
         shown = fmt(r, 2) + "×" if key in RATIO_METRICS and not math.isnan(r) else ""
         lines.append(
@@ -364,12 +371,13 @@ def markdown(result: dict[str, Any]) -> str:
         )
         for i, row in enumerate(MARKDOWN_ROWS):
             name = f"**{title}**" if i == 0 else ""
-            if row.key is None:
+            if isinstance(row.key, tuple):
+                keys = row.key
                 cells = [
-                    "/".join(fmt(d.get(k), row.digits) for k in ("p50_ms", "p95_ms", "p99_ms"))
+                    "/".join(fmt(d.get(k), row.digits) for k in keys) if keys[0] in d else "–"
                     for d in (svc, flo)
                 ]
-                r = f"{fmt(rat.get('p99_ms'), 2)}× (p99)"
+                r = f"{fmt(rat.get('p99_ms'), 2)}× (p99)" if "p99_ms" in keys else ""
             else:
                 cells = [fmt(svc.get(row.key), row.digits), fmt(flo.get(row.key), row.digits)]
                 r = f"{fmt(rat.get(row.key), 2)}×" if row.key in rat else ""

@@ -11,6 +11,7 @@ same thing as the service.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
@@ -114,14 +115,17 @@ class Stack:
                 out[pid] = value
         return out
 
-    async def round_trip_cpu_us(self, repeats: int = 300) -> float | None:
-        """Backend CPU (µs) of a bare ``SELECT 1`` now, on the monitoring connection:
-        what a round trip costs this machine at the moment, next to each phase's
-        Postgres CPU (it moves with the VM, and the figures with it)."""
+    async def round_trip_cpu_us(self, repeats: int, gap_s: float = 0.0) -> float | None:
+        """Backend CPU (µs) of a bare ``SELECT 1`` now, on the monitoring connection,
+        back to back or ``gap_s`` apart (an idle backend woken each time, as in the
+        open loop): what a round trip costs this machine at the moment, next to each
+        phase's Postgres CPU (it moves with the VM, and the figures with it)."""
         pid = await self.monitor.fetchval("SELECT pg_backend_pid()")
         before = procstat.oncpu_ns(pid)
         for _ in range(repeats):
             await self.monitor.fetchval("SELECT 1")
+            if gap_s:
+                await asyncio.sleep(gap_s)
         after = procstat.oncpu_ns(pid)
         if before is None or after is None:
             return None
