@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import inspect
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -222,10 +223,18 @@ async def metric_value(client: TestClient[Any, Any], name: str, **labels: str) -
     return 0.0
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``within`` seconds."""
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], what: str, within: float = 10
+) -> None:
+    """Poll ``predicate`` (plain or async) until it holds; fail naming ``what`` after
+    ``within`` seconds. The one bounded wait of the suite: no fixed sleeps."""
     loop = asyncio.get_running_loop()
     end = loop.time() + within
-    while not await predicate():
+    while True:
+        held = predicate()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         assert loop.time() < end, f"{what} did not happen within {within} s"
         await asyncio.sleep(0.01)

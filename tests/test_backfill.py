@@ -29,7 +29,7 @@ from service.errors import ServiceError
 from service.metrics import Metrics
 from service.stripe import StripeClient
 from tests.conftest import Standin, make_settings
-from tests.helpers import WEBHOOK_SECRET, created, deliver, post_session, subscription_event
+from tests.helpers import WEBHOOK_SECRET, created, deliver, post_session, subscription_event, until
 
 pytestmark = pytest.mark.usefixtures("world")
 
@@ -75,14 +75,6 @@ async def _subs(conn: asyncpg.Connection, user_id: str) -> dict[str, dict[str, A
 
 def _at(unix: int) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    """Poll (bounded) until ``condition`` holds."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -284,7 +276,7 @@ async def test_backfiller_dedupes_per_user_and_reruns_after_a_running_one(
 
         # Running: the mapping may have changed after it was read, so once more after it.
         assert backfiller.schedule("u_42") is True
-        await _until(lambda: _in_flight(standin) == 1, "the backfill to reach Stripe")
+        await until(lambda: _in_flight(standin) == 1, "the backfill to reach Stripe", WAIT_SECONDS)
         assert backfiller.schedule("u_42") is True
         assert backfiller.schedule("u_42") is False
         async with asyncio.timeout(WAIT_SECONDS):
@@ -377,7 +369,7 @@ async def test_app_backfiller_is_cancelled_on_shutdown_without_a_partial_write(
     )
     standin.state.set_latency(30_000)  # still at Stripe when the app shuts down
     assert backfiller.schedule("u_42")
-    await _until(lambda: _in_flight(standin) == 1, "the backfill to reach Stripe")
+    await until(lambda: _in_flight(standin) == 1, "the backfill to reach Stripe", WAIT_SECONDS)
     started = time.monotonic()
     await client.close()
     # Cancelled within its grace period, not after Stripe's 30 s.

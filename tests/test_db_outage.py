@@ -33,7 +33,7 @@ from service import keys, migrations
 from service.app import create_app
 from service.metrics import Metrics
 from tests.conftest import Standin, create_client_token, make_settings, seed_world
-from tests.helpers import post_session
+from tests.helpers import post_session, until
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "scripts" / "postgres.sh"
@@ -164,14 +164,6 @@ async def outage_service(
         await client.close()
 
 
-async def _until(predicate: Any, within: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not await predicate():
-        assert loop.time() < end, f"{what} did not happen within {within} s"
-        await asyncio.sleep(0.02)
-
-
 class Load:
     """Eight clients posting sessions back to back, each answer recorded."""
 
@@ -202,13 +194,13 @@ class Load:
         async def enough() -> bool:
             return sum(o.status == 201 for o in self.since(after)) >= count
 
-        await _until(enough, within, f"{count} sessions created")
+        await until(enough, f"{count} sessions created", within)
 
     async def until_answered(self, count: int, after: float, within: float) -> None:
         async def enough() -> bool:
             return len(self.since(after)) >= count
 
-        await _until(enough, within, f"{count} answers")
+        await until(enough, f"{count} answers", within)
 
     def assert_only_documented_answers(self) -> None:
         """Success or the documented 503, ever: no 500, no other code."""
@@ -225,7 +217,7 @@ async def _until_ready(service: TestClient[Any, Any], ready: bool, within: float
     async def check() -> bool:
         return (await _readyz(service))[0] == (200 if ready else 503)
 
-    await _until(check, within, f"/readyz {200 if ready else 503}")
+    await until(check, f"/readyz {200 if ready else 503}", within)
 
 
 @pytest.mark.timeout(90)

@@ -39,7 +39,7 @@ from tests.conftest import (
     Standin,
     create_client_token,
 )
-from tests.helpers import PATH
+from tests.helpers import PATH, until
 from tests.redis_server import RedisServer
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -52,15 +52,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-async def _eventually(check: Callable[[], Any], within: float, what: str) -> None:
-    """Poll ``await check()`` until it is true; fail after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not await check():
-        assert loop.time() < end, f"{what} did not happen within {within} s"
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -159,7 +150,7 @@ async def fleet(
                     return False
             return True
 
-        await _eventually(all_ready, 30, "three replicas answering /readyz 200")
+        await until(all_ready, "three replicas answering /readyz 200", 30)
         return Fleet(replicas, http)
 
     try:
@@ -277,7 +268,7 @@ async def test_redis_stopped_mid_run_then_back(
         gauges = [await replicas.gauge(i, "portal_gateway_redis_up") for i in range(REPLICAS)]
         return gauges == [1.0] * REPLICAS
 
-    await _eventually(all_shared_again, 15, "every replica sharing through Redis again")
+    await until(all_shared_again, "every replica sharing through Redis again", 15)
     again = await create_client_token(conn, name="again", rate_limit=3)
     resumed = sorted(s for s, _, _ in await replicas.burst(again, 3 * REPLICAS))
     assert resumed == [201] * 3 + [429] * (3 * REPLICAS - 3)

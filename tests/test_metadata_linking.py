@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +32,7 @@ from tests.helpers import (
     post_session,
     problem,
     subscription_event,
+    until,
 )
 
 pytestmark = pytest.mark.usefixtures("world")
@@ -99,19 +99,11 @@ async def _sub_ids(conn: asyncpg.Connection, user_id: str) -> set[str]:
     return {r["stripe_subscription_id"] for r in rows}
 
 
-async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` (bounded) until it holds."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def _subs_become(conn: asyncpg.Connection, user_id: str, want: set[str]) -> None:
     async def check() -> bool:
         return await _sub_ids(conn, user_id) == want
 
-    await _until(check, f"{user_id}'s subscriptions to be {want}")
+    await until(check, f"{user_id}'s subscriptions to be {want}", WAIT_SECONDS)
 
 
 async def _audit(conn: asyncpg.Connection, action: str) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from tests.conftest import ALLOWED_ORIGIN, LEAK_PATTERNS, STRIPE_TEST_KEY, Standin
-from tests.helpers import PATH
+from tests.helpers import PATH, until
 
 PROJECT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("world")
@@ -60,15 +60,6 @@ def _leaks(folder: Path) -> list[str]:
         for line in path.read_text().splitlines()
         if LEAK_PATTERNS.search(line)
     ]
-
-
-async def _eventually(check: Callable[[], Any], within: float, what: str) -> None:
-    """Poll ``await check()`` until it is true; fail after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not await check():
-        assert loop.time() < end, f"{what} did not happen within {within} s"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -117,7 +108,7 @@ async def serve(
             except aiohttp.ClientConnectionError:
                 return False
 
-        await _eventually(up, 30, "the service answering /readyz 200")
+        await until(up, "the service answering /readyz 200", 30)
         return served
 
     try:
@@ -175,7 +166,7 @@ async def test_sigterm_drains_50_in_flight_requests_then_exits_0(
         async def all_at_stripe() -> bool:
             return len(standin.requests()) == 50
 
-        await _eventually(all_at_stripe, 10, "50 requests reaching Stripe")
+        await until(all_at_stripe, "50 requests reaching Stripe", 10)
         served.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
 
@@ -183,7 +174,7 @@ async def test_sigterm_drains_50_in_flight_requests_then_exits_0(
         async def not_ready() -> bool:
             return (await _status(served.base + "/readyz"))[0] == 503
 
-        await _eventually(not_ready, 0.5, "/readyz 503 after SIGTERM")
+        await until(not_ready, "/readyz 503 after SIGTERM", 0.5)
         status, ready = await _status(served.base + "/readyz")
         assert (status, ready["checks"]["draining"]) == (503, "yes")
         status, refused = await _status(served.base + PATH, "POST", data=body, headers=headers)
@@ -198,7 +189,7 @@ async def test_sigterm_drains_50_in_flight_requests_then_exits_0(
     async def listener_closed() -> bool:
         return await _refused(served.port)
 
-    await _eventually(listener_closed, shutdown_timeout, "new connections refused")
+    await until(listener_closed, "new connections refused", shutdown_timeout)
     code = await asyncio.wait_for(served.process.wait(), timeout=shutdown_timeout)
     assert code == 0
     assert time.monotonic() - signalled < shutdown_timeout
@@ -226,7 +217,7 @@ async def test_requests_longer_than_shutdown_timeout_do_not_hold_the_exit(
         async def at_stripe() -> bool:
             return len(standin.requests()) == 1
 
-        await _eventually(at_stripe, 10, "the request reaching Stripe")
+        await until(at_stripe, "the request reaching Stripe", 10)
         served.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         code = await asyncio.wait_for(served.process.wait(), timeout=10)

@@ -45,6 +45,7 @@ from tests.helpers import (
     post_session,
     problem,
     subscription_event,
+    until,
 )
 
 pytestmark = pytest.mark.usefixtures("world")
@@ -96,14 +97,6 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return int(status_line.split()[1]), headers, body
 
 
-async def _until(check: Callable[[], Awaitable[bool]], seconds: float = 15.0) -> None:
-    """Poll ``check`` until it holds, for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 def _app(service: TestClient[Any, Any]) -> web.Application:
     app = service.app
     assert isinstance(app, web.Application)
@@ -146,7 +139,7 @@ async def test_slow_webhook_bodies_never_take_the_callers_slots(
                 shed = await metric_value(service, "portal_gateway_http_requests_total", **refused)
                 return bool(shed == 300 - 8)
 
-            await _until(all_seen)
+            await until(all_seen, "all seen", 15)
             assert (lifecycle.webhooks.in_flight, lifecycle.api.in_flight) == (8, 0)
             # What those past the budget got: 503 overloaded at once, and Stripe retries.
             answers = [asyncio.ensure_future(_read_response(r)) for r, _ in connections]
@@ -154,7 +147,7 @@ async def test_slow_webhook_bodies_never_take_the_callers_slots(
             async def all_read() -> bool:
                 return sum(answer.done() for answer in answers) == 300 - 8
 
-            await _until(all_read)
+            await until(all_read, "all read", 15)
             for answer in answers:
                 if not answer.done():  # admitted, still waiting for its body
                     answer.cancel()
@@ -180,7 +173,7 @@ async def test_slow_webhook_bodies_never_take_the_callers_slots(
     async def released() -> bool:
         return lifecycle.in_flight == 0
 
-    await _until(released)
+    await until(released, "released", 15)
     assert (await deliver(service, event)).status == 200
 
 
@@ -281,13 +274,13 @@ async def test_a_caller_hanging_up_mid_body_is_499_never_500(
             )
             return bool(count == 1)
 
-        await _until(reading_body)
+        await until(reading_body, "reading body", 15)
         _hang_up(writer, how)
 
         async def logged() -> bool:
             return any(a["route"] == path for a in _access_lines(log))
 
-        await _until(logged)
+        await until(logged, "logged", 15)
     (line,) = [a for a in _access_lines(log) if a["route"] == path]
     assert line["status"] == 499
     _assert_no_crash(log)
@@ -300,7 +293,7 @@ async def test_a_caller_hanging_up_mid_body_is_499_never_500(
         async def audited() -> bool:
             return bool(await conn.fetchval("SELECT count(*) FROM audit_events") == 1)
 
-        await _until(audited)
+        await until(audited, "audited", 15)
         row = await conn.fetchrow("SELECT http_status, error_code, outcome FROM audit_events")
         assert row is not None
         assert dict(row) == {
@@ -363,7 +356,7 @@ async def test_serve_answers_slow_vanishing_and_oversized_callers_the_same(
             return False
 
     try:
-        await _until(up, 30)
+        await until(up, "up", 30)
         status, headers, body = await get("/healthz", f"X-Padding: {'a' * 20 * 1024}\r\n")
         assert (status, orjson.loads(body)["code"]) == (400, "header_too_large")
         assert headers["content-type"].startswith("application/problem+json")
@@ -380,13 +373,13 @@ async def test_serve_answers_slow_vanishing_and_oversized_callers_the_same(
             text = (await get("/metrics"))[2].decode()
             return "portal_gateway_http_requests_in_flight 2.0" in text
 
-        await _until(reading_body)
+        await until(reading_body, "reading body", 15)
         _hang_up(writer, "rst")
 
         async def logged() -> bool:
             return any(line.get("status") == 499 for line in lines())
 
-        await _until(logged)
+        await until(logged, "logged", 15)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)

@@ -11,7 +11,6 @@ import asyncio
 import random
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -22,7 +21,7 @@ from service import keys
 from service.errors import ServiceUnavailable
 from service.stripe import CircuitBreaker, StripeClient
 from tests.conftest import Standin, make_settings
-from tests.helpers import created, post_session, problem
+from tests.helpers import created, post_session, problem, until
 
 pytestmark = pytest.mark.usefixtures("world")
 
@@ -46,15 +45,6 @@ async def metric(client: Any, line_start: str) -> float:
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no sample {line_start!r}")
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll until ``predicate()`` holds; fail after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not predicate():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- retries
@@ -265,7 +255,7 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
     assert len(attempts(standin)) == 2
 
     # Half-open: one probe; it fails, so the breaker opens again for a new cooldown.
-    await eventually(lambda: breaker.state == "half_open")
+    await until(lambda: breaker.state == "half_open", 'breaker.state == "half_open"', 5)
     standin.state.queue_faults([{"status": 500}])
     await problem(await post_session(service, BODY, token), 503, "upstream_unavailable")
     assert breaker.state == "open"
@@ -273,10 +263,10 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
     assert len(attempts(standin)) == 3
 
     # Half-open again: while the (slow) probe is out, others are still refused.
-    await eventually(lambda: breaker.state == "half_open")
+    await until(lambda: breaker.state == "half_open", 'breaker.state == "half_open"', 5)
     standin.state.queue_faults([{"latency_ms": 300}])
     probe = asyncio.ensure_future(post_session(service, BODY, token))
-    await eventually(lambda: len(attempts(standin)) == 4)
+    await until(lambda: len(attempts(standin)) == 4, "len(attempts(standin)) == 4", 5)
     await problem(await post_session(service, BODY, token), 503, "upstream_unavailable")
     await created(await probe)
     assert breaker.state == "closed"
@@ -307,12 +297,14 @@ async def test_a_cancelled_probe_does_not_wedge_the_breaker(standin: Standin) ->
         standin.state.queue_faults([{"status": 500}])
         with pytest.raises(ServiceUnavailable):
             await call()
-        await eventually(lambda: client.breaker.state == "half_open")
+        await until(
+            lambda: client.breaker.state == "half_open", 'client.breaker.state == "half_open"', 5
+        )
 
         # The probe hangs at Stripe and its request is cancelled (client gone, shutdown).
         standin.state.queue_faults([{"hang": True}])
         probe = asyncio.ensure_future(call())
-        await eventually(lambda: len(attempts(standin)) == 2)
+        await until(lambda: len(attempts(standin)) == 2, "len(attempts(standin)) == 2", 5)
         with pytest.raises(ServiceUnavailable):  # one probe at a time
             await call()
         probe.cancel()
@@ -383,7 +375,7 @@ async def test_above_max_in_flight_requests_are_shed_at_once(
     slow: list[asyncio.Future[Any]] = [
         asyncio.ensure_future(post_session(service, BODY, token)) for _ in range(2)
     ]
-    await eventually(lambda: len(attempts(standin)) == 2)
+    await until(lambda: len(attempts(standin)) == 2, "len(attempts(standin)) == 2", 5)
 
     started = time.monotonic()
     resp = await post_session(service, BODY, token)
