@@ -45,14 +45,23 @@ class RedisServer:
     folder: Path
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen[bytes] | None = None
+    # With a password (AUTH) and a Unix socket as well as the port, when set.
+    password: str | None = None
+    unix_socket: Path | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def client(self) -> redis.Redis:
+    def client(self, db: int = 0) -> redis.Redis:
         """A plain client for the test's own checks (keys, TTLs)."""
-        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        return redis.Redis(
+            port=self.port,
+            db=db,
+            password=self.password,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
 
     def start(self) -> None:
         """Start (or start again, on the same port) and wait until it answers PING."""
@@ -63,6 +72,8 @@ class RedisServer:
                 redis_server_binary(),
                 *("--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "no", "--dir", str(self.folder)),
+                *(("--requirepass", self.password) if self.password else ()),
+                *(("--unixsocket", str(self.unix_socket)) if self.unix_socket else ()),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

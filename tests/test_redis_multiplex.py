@@ -5,13 +5,17 @@ What the sharing must never do: hand a caller another caller's reply. So the
 replies of many callers at once, some of them giving up mid-flight and some
 getting an error reply, each reach their own caller, over one connection; a
 Redis killed mid-flight fails the callers waiting at once, and the next
-command connects again; a Redis that forgot the scripts still runs them.
+command connects again; a Redis that forgot the scripts still runs them; the
+URL's password and database hold, over TCP and over a Unix socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import io
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from service.config import Settings
+from service.logs import tee
 from service.ratelimit import SharedRateLimiter
 from service.redis_multiplex import MultiplexedRedis
 from service.shared_redis import SharedRedis
@@ -130,3 +135,52 @@ async def test_a_redis_that_forgot_the_scripts_still_runs_them(
         assert redis.up
     finally:
         await redis.close()
+
+
+@pytest.fixture
+def locked_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that wants a password, on a port and on a Unix socket (its
+    path short enough for sun_path: not under pytest's long tmp_path)."""
+    with tempfile.TemporaryDirectory(prefix="rds", dir="/tmp") as short:
+        server = RedisServer(tmp_path, password="s3cret-pass", unix_socket=Path(short) / "r.sock")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_the_urls_password_and_database_hold(
+    locked_server: RedisServer, transport: str
+) -> None:
+    if transport == "tcp":
+        url = f"redis://:s3cret-pass@127.0.0.1:{locked_server.port}/3"
+    else:
+        url = f"unix://:s3cret-pass@{locked_server.unix_socket}?db=3"
+    settings_ = Settings.from_env({"STRIPE_API_KEY": KEY, "REDIS_URL": url})
+    redis = SharedRedis.from_settings(settings_, None)
+    try:
+        assert await redis.probe()
+        limiter = SharedRateLimiter(redis, None)
+        assert (await limiter.acquire("client:a", 1)).wait == 0
+        assert (await limiter.acquire("client:a", 1)).wait > 0  # Redis's bucket, not local
+    finally:
+        await redis.close()
+    with locked_server.client(db=0) as client:
+        assert client.dbsize() == 0  # nothing in database 0 ...
+    with locked_server.client(db=3) as client:
+        assert client.dbsize() == 2  # ... the bucket and its refusal window are in 3
+
+    wrong = url.replace("s3cret-pass", "not-the-pass")
+    settings_ = Settings.from_env({"STRIPE_API_KEY": KEY, "REDIS_URL": wrong})
+    redis = SharedRedis.from_settings(settings_, None)
+    buffer = io.StringIO()
+    try:
+        with tee(buffer):
+            assert not await redis.probe()  # refused: decided alone, never raised
+        assert not redis.up
+    finally:
+        await redis.close()
+    assert "redis_unavailable" in buffer.getvalue()
+    assert "not-the-pass" not in buffer.getvalue()
