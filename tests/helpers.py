@@ -8,12 +8,15 @@ import hmac
 import inspect
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.schemas import PortalSessionSchema, ProblemSchema
@@ -238,3 +241,27 @@ async def until(
             return
         assert loop.time() < end, f"{what} did not happen within {within} s"
         await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def table_locked(database_url: str, table: str, mode: str) -> AsyncIterator[None]:
+    """``LOCK TABLE table IN mode MODE`` held until the block ends: the statements it
+    conflicts with wait meanwhile (how a test keeps a grouped statement in flight)."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute(f"LOCK TABLE {table} IN {mode} MODE")
+            yield
+    finally:
+        await holder.close()
+
+
+def with_real_servers(max_examples: int) -> settings:
+    """Hypothesis settings of a property checked against this test's real servers: the
+    function-scoped fixtures serve every example, and I/O has no deadline."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -30,7 +29,7 @@ from service.db.audit import AUDIT_ROWS
 from service.db.pool import Database
 from service.logs import tee
 from service.metrics import Metrics
-from tests.helpers import created, post_session, problem, until
+from tests.helpers import created, post_session, problem, table_locked, until
 
 pytestmark = [pytest.mark.usefixtures("world"), pytest.mark.timeout(60)]
 
@@ -41,19 +40,6 @@ SELECT pid FROM pg_stat_activity
 WHERE datname = current_database() AND wait_event_type = 'Lock'
   AND query LIKE '%INSERT INTO audit_events%'
 """
-
-
-@asynccontextmanager
-async def _inserts_held(database_url: str) -> AsyncIterator[None]:
-    """INSERTs into audit_events wait until the block ends (a SHARE lock conflicts with
-    their ROW EXCLUSIVE)."""
-    holder = await asyncpg.connect(database_url)
-    try:
-        async with holder.transaction():
-            await holder.execute("LOCK TABLE audit_events IN SHARE MODE")
-            yield
-    finally:
-        await holder.close()
 
 
 class Writer:
@@ -136,7 +122,7 @@ async def test_concurrent_rows_share_one_statement_each_committed_before_its_ans
     service = await make_service(DB_TIMEOUT_SECONDS=DB_TIMEOUT)
     writer = _writer(service, conn)
     requests = 12
-    async with _inserts_held(database_url):
+    async with table_locked(database_url, "audit_events", "SHARE"):
         pending = [_request(service, token, n) for n in range(requests)]
         await writer.until_held(requests)
         assert writer.batches == 1  # the first row (or the few first) went alone, at once
@@ -173,7 +159,7 @@ async def test_a_refused_row_fails_only_its_own_request(
     )
     service = await make_service(DB_TIMEOUT_SECONDS=DB_TIMEOUT)
     writer = _writer(service, conn)
-    async with _inserts_held(database_url):
+    async with table_locked(database_url, "audit_events", "SHARE"):
         first = _request(service, token, 0)
         await writer.until_held(1)
         rest = [_request(service, token, n) for n in range(1, 5)]
@@ -199,7 +185,7 @@ async def test_a_batch_lost_to_an_outage_fails_all_its_requests_then_writes_reco
 ) -> None:
     service = await make_service(DB_TIMEOUT_SECONDS=DB_TIMEOUT)
     writer = _writer(service, conn)
-    async with _inserts_held(database_url):
+    async with table_locked(database_url, "audit_events", "SHARE"):
         alone = _request(service, token, 0)
         pid = await writer.until_held(1)
         batch = [_request(service, token, n) for n in range(1, 6)]
@@ -242,7 +228,7 @@ async def test_a_caller_that_hangs_up_while_its_row_waits_keeps_the_row(
         )
         return value == 1
 
-    async with _inserts_held(database_url):
+    async with table_locked(database_url, "audit_events", "SHARE"):
         first = _request(service, token, 0)
         await writer.until_held(1)
         gone = _request(service, token, 1)
@@ -281,7 +267,7 @@ async def test_close_writes_the_queued_rows_before_the_pool_closes(
     writer = Writer(db, metrics, conn)
     closed = False
     try:
-        async with _inserts_held(database_url):
+        async with table_locked(database_url, "audit_events", "SHARE"):
             emits = [asyncio.ensure_future(audit.emit(db, metrics, _event(0)))]
             await writer.until_held(1)
             emits += [asyncio.ensure_future(audit.emit(db, metrics, _event(n))) for n in (1, 2)]
@@ -312,7 +298,7 @@ async def test_a_row_lost_after_its_caller_left_is_still_logged(
     writer = Writer(db, metrics, conn)
     try:
         with tee(io.StringIO()) as captured:
-            async with _inserts_held(database_url):
+            async with table_locked(database_url, "audit_events", "SHARE"):
                 structlog.contextvars.bind_contextvars(request_id="the-caller")
                 emit = asyncio.ensure_future(audit.emit(db, metrics, _event(0)))
                 structlog.contextvars.clear_contextvars()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -29,6 +29,7 @@ from service.logs import tee
 from service.ratelimit import SharedRateLimiter
 from service.redis_multiplex import MultiplexedRedis
 from service.shared_redis import SharedRedis
+from tests.helpers import with_real_servers
 from tests.redis_server import RedisServer
 
 KEY = "sk_test_multiplex0123456789abc"
@@ -63,12 +64,7 @@ async def test_concurrent_commands_share_one_connection_each_with_its_own_reply(
 caller = st.tuples(st.sampled_from(["wait", "give_up", "error"]), st.integers(0, 3))
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@with_real_servers(max_examples=60)
 @given(callers=st.lists(caller, min_size=1, max_size=40))
 async def test_callers_giving_up_or_refused_leave_the_others_their_own_replies(
     mux: MultiplexedRedis, redis_server: RedisServer, callers: list[tuple[str, int]]

@@ -13,19 +13,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from service import keys
 from service.db.pool import Database
 from service.db.resolve import RESOLVE, RESOLVE_BATCH, RESOLVE_GROUPED
 from tests.conftest import create_client_token
-from tests.helpers import created, post_session, problem, until
+from tests.helpers import created, post_session, problem, table_locked, until, with_real_servers
 
 pytestmark = [pytest.mark.usefixtures("world"), pytest.mark.timeout(60)]
 
@@ -39,19 +38,6 @@ WHERE datname = current_database() AND wait_event_type = 'Lock'
 USERS = ("u_42", "u_7", "u_none", "u_two", "u_multi")
 CUSTOMERS = {"u_42": "cus_42", "u_7": "cus_7", "u_none": "cus_none", "u_two": "cus_two"}
 CUSTOMERS["u_multi"] = "cus_multi"
-
-
-@asynccontextmanager
-async def _lookups_held(database_url: str) -> AsyncIterator[None]:
-    """RESOLVE waits until the block ends (it reads ``plans``; ACCESS EXCLUSIVE
-    conflicts with its ACCESS SHARE)."""
-    holder = await asyncpg.connect(database_url)
-    try:
-        async with holder.transaction():
-            await holder.execute("LOCK TABLE plans IN ACCESS EXCLUSIVE MODE")
-            yield
-    finally:
-        await holder.close()
 
 
 class Lookups:
@@ -105,7 +91,7 @@ async def test_concurrent_lookups_share_one_statement_each_gets_its_own_row(
     service = await make_service(DB_TIMEOUT_SECONDS=DB_TIMEOUT)
     lookups = Lookups(service, conn)
     users = [USERS[n % len(USERS)] for n in range(12)]
-    async with _lookups_held(database_url):
+    async with table_locked(database_url, "plans", "ACCESS EXCLUSIVE"):
         first = _request(service, token, users[0], 0)
         await lookups.until_held(1)
         rest = [_request(service, token, user, n) for n, user in enumerate(users) if n > 0]
@@ -136,7 +122,7 @@ async def test_a_token_revoked_while_its_lookup_queues_is_refused(
     # The doomed token is cached by the authenticator: its next lookup confirms it.
     await created(await _request(service, doomed, "u_42", 0))
     sent = lookups.callers_sent
-    async with _lookups_held(database_url):
+    async with table_locked(database_url, "plans", "ACCESS EXCLUSIVE"):
         first = _request(service, token, "u_7", 1)
         await lookups.until_held(sent + 1)
         queued = _request(service, doomed, "u_42", 2)
@@ -153,7 +139,7 @@ async def test_a_value_the_database_refuses_fails_only_its_own_lookup(
 ) -> None:
     db = await Database.connect(database_url, query_timeout=10)
     try:
-        async with _lookups_held(database_url):
+        async with table_locked(database_url, "plans", "ACCESS EXCLUSIVE"):
             first = asyncio.ensure_future(
                 db.run_grouped(RESOLVE_GROUPED, ["u_42", None, None, None, False, None])
             )
@@ -235,12 +221,7 @@ async def lookup_world(conn: asyncpg.Connection, database_url: str) -> AsyncIter
         await db.close()
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@with_real_servers(max_examples=150)
 @given(batch=st.lists(lookup, min_size=2, max_size=12))
 async def test_the_batch_answers_each_caller_what_a_lone_lookup_would(
     lookup_world: Any, batch: list[tuple[Any, ...]]
