@@ -42,10 +42,9 @@ class _Link:
     def __init__(self, connection: AbstractConnection) -> None:
         self.connection = connection
         self.waiting: deque[asyncio.Future[Any]] = deque()
-        # Commands asked for in this turn of the event loop, not written yet, and the
-        # task that will write them.
+        # Commands asked for in this turn of the event loop, not written yet (a writer
+        # task is scheduled whenever there are some), and the last writer task.
         self.outgoing: list[bytes] = []
-        self.write_scheduled = False
         self.writer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[None] | None = None
         self.error: RedisError | None = None
@@ -93,9 +92,9 @@ class MultiplexedRedis:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # No await between the two: the reader matches replies to callers by order.
         link.waiting.append(reply)
+        first_of_turn = not link.outgoing
         link.outgoing += packed
-        if not link.write_scheduled:
-            link.write_scheduled = True
+        if first_of_turn:
             # Written by a task of its own, in the next turn of the loop: one write for
             # every caller ready in this one, and a caller that gives up (cancelled)
             # never takes the others' commands with it.
@@ -104,7 +103,7 @@ class MultiplexedRedis:
 
     async def _write(self, link: _Link) -> None:
         """Write the commands asked for since the last write, in their order."""
-        outgoing, link.outgoing, link.write_scheduled = link.outgoing, [], False
+        outgoing, link.outgoing = link.outgoing, []
         if link.error is not None:
             return  # dropped meanwhile: its callers have their error already
         try:
