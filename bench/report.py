@@ -336,6 +336,24 @@ def targets_text(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def wakeup_text(meta: dict[str, Any]) -> str | None:
+    """The machine's wake-up cost (``wakeup.py``) at the start and the end of the run."""
+    readings = meta.get("machine_wakeup_us")
+    if not readings:
+        return None
+
+    def pair(reading: dict[str, Any], name: str) -> str:
+        return f"{fmt(reading[name]['caller_us'])}/{fmt(reading[name]['echo_us'])}"
+
+    back = ", then ".join(pair(r, "back_to_back") for r in readings)
+    paced = ", then ".join(pair(r, "paced_5ms") for r in readings)
+    return (
+        "This machine (bench/wakeup.py, at the start and the end of the run): a loopback"
+        " echo between two processes costs each side (caller/echo) "
+        f"{back} µs of CPU back to back and {paced} µs 5 ms apart, woken each time."
+    )
+
+
 def text(result: dict[str, Any], profile_path: Path) -> str:
     """What ``make bench`` prints on stdout, from its results file."""
     meta = result["meta"]
@@ -344,6 +362,8 @@ def text(result: dict[str, Any], profile_path: Path) -> str:
         f"portal-gateway bench: {meta['users']:,} users, {meta['reps']} repetitions,"
         f" {meta['duration_s']:g} s closed-loop / {meta['open_duration_s']:g} s open-loop phases",
     ]
+    if wakeup := wakeup_text(meta):
+        lines.append(wakeup)
     for s in result["scenarios"]:
         lines += ["", *table(s, meta["reps"])]
     lines += redis_text(result.get("redis", []), meta["reps"])
@@ -360,6 +380,7 @@ def markdown(result: dict[str, Any]) -> str:
         f" {meta['duration_s']:g} s closed-loop / {meta['open_duration_s']:g} s open-loop phases,"
         f" run {meta['date']} (commit {meta.get('commit')}). Ratio: median of service / floor"
         " over the back-to-back pairs.",
+        *(["", wakeup] if (wakeup := wakeup_text(meta)) else []),
         "",
         "| scenario | | service | floor | ratio |",
         "|---|---|---:|---:|---:|",

@@ -51,7 +51,7 @@ import diagnostics
 import harness
 import report
 from harness import RESULTS, WORK, log
-from measure import Scenario, phase, wait_quiet
+from measure import Scenario, phase, run_load, wait_quiet
 from stack import Stack, Target, parity_check, running
 
 Phases = dict[tuple[str, str], list[dict[str, Any]]]  # (scenario key, target) -> phases
@@ -181,7 +181,15 @@ def other_run(users: int) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def meta(args: argparse.Namespace, data: harness.Data, wall: float) -> dict[str, Any]:
+async def machine_wakeup() -> dict[str, Any]:
+    """``wakeup.py``: what waking a process costs the machine now (µs of CPU per
+    loopback echo, each side, back to back and paced 5 ms apart)."""
+    return await run_load([harness.PYTHON, str(harness.BENCH / "wakeup.py")])
+
+
+def meta(
+    args: argparse.Namespace, data: harness.Data, wall: float, wakeup: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": harness.git_commit(),
@@ -194,6 +202,7 @@ def meta(args: argparse.Namespace, data: harness.Data, wall: float) -> dict[str,
         "jwts": data.jwts,
         "load_seconds": data.load_seconds,
         "wall_seconds": wall,
+        "machine_wakeup_us": wakeup,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
@@ -206,6 +215,7 @@ async def main_async(args: argparse.Namespace) -> int:
     random.seed(args.seed)
     scenarios = scenarios_of(args)
     await wait_quiet(args.max_other_load, 60)
+    wakeup = [await machine_wakeup()]
     log(f"loading {args.users:,} user mappings into {args.database}")
     data = await harness.prepare_data(
         database=args.database,
@@ -226,11 +236,12 @@ async def main_async(args: argparse.Namespace) -> int:
         }
         extra["unreadable_pg_backends"] = sorted(stack.unreadable_pg)
         targets = stack.targets
+    wakeup.append(await machine_wakeup())
 
     results = scenario_results(scenarios, phases)
     failures = [f"{n}: {f}" for n, t in targets.items() for f in t.failures]
     result = {
-        "meta": meta(args, data, time.perf_counter() - run_started),
+        "meta": meta(args, data, time.perf_counter() - run_started, wakeup),
         "scenarios": results,
         "targets": report.targets(results, other_run(args.users)),
         "failures": failures,
