@@ -338,7 +338,7 @@ def targets_text(result: dict[str, Any]) -> list[str]:
 
 def wakeup_text(meta: dict[str, Any]) -> str | None:
     """The machine's wake-up cost (``wakeup.py``) at the start and the end of the run."""
-    readings = meta.get("machine_wakeup_us")
+    readings = [r for r in meta.get("machine_wakeup_us") or () if r]
     if not readings:
         return None
 
